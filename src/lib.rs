@@ -1,1 +1,32 @@
-use pgrx::prelude::*; ::pgrx::pg_module_magic!();
+//! keyhippo: API keys issued, verified, rotated and revoked inside PostgreSQL.
+//!
+//! This file only wires modules together and orders the hand-written SQL around the functions
+//! pgrx generates: `sql/bootstrap.sql` (schemas, types, tables) first, the Rust functions, then
+//! `sql/finalize.sql` (SQL helpers, triggers, RLS, grants, defaults).
+
+use pgrx::prelude::*;
+
+::pgrx::pg_module_magic!(name, version);
+
+mod context;
+mod error;
+mod keys;
+mod plans;
+
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

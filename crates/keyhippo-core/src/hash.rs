@@ -13,7 +13,10 @@ pub const DEFAULT_ALGORITHM: &str = "sha256";
 
 /// Hashes a key (or JWT) into the stored `key_hash` form.
 pub fn hash_key(key: &str) -> String {
-    format!("{DEFAULT_ALGORITHM}${}", hex(&Sha256::digest(key.as_bytes())))
+    format!(
+        "{DEFAULT_ALGORITHM}${}",
+        hex(&Sha256::digest(key.as_bytes()))
+    )
 }
 
 /// Whether `key` hashes to `stored`. Unknown algorithms and malformed stored values never match.
@@ -82,11 +85,19 @@ mod tests {
 
     #[test]
     fn malformed_or_unknown_stored_values_never_match() {
-        for stored in ["", "sha256", "sha256$", "md5$900150983cd24fb0d6963f7d28e17f72", "$abc"] {
+        for stored in [
+            "",
+            "sha256",
+            "sha256$",
+            "md5$900150983cd24fb0d6963f7d28e17f72",
+            "$abc",
+        ] {
             assert!(!verify_key("abc", stored), "{stored}");
         }
         // Right digest, wrong case: still a mismatch rather than a panic.
-        let upper = hash_key("abc").to_uppercase().replacen("SHA256", "sha256", 1);
+        let upper = hash_key("abc")
+            .to_uppercase()
+            .replacen("SHA256", "sha256", 1);
         assert!(!verify_key("abc", &upper));
     }
 

@@ -4,3 +4,4 @@
 
 pub mod hash;
 pub mod token;
+pub mod uuid;

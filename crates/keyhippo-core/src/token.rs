@@ -90,7 +90,11 @@ pub fn parse(input: &str) -> Result<ParsedKey<'_>, FormatError> {
     }
     let lookup = &bytes[KEY_TAG.len()..PREFIX_LEN];
     let rest = &bytes[PREFIX_LEN + 1..];
-    if !lookup.iter().chain(rest.iter()).all(u8::is_ascii_alphanumeric) {
+    if !lookup
+        .iter()
+        .chain(rest.iter())
+        .all(u8::is_ascii_alphanumeric)
+    {
         return Err(FormatError::Alphabet);
     }
     let body_len = KEY_LEN - CHECKSUM_LEN;
@@ -98,7 +102,9 @@ pub fn parse(input: &str) -> Result<ParsedKey<'_>, FormatError> {
     if expected.as_bytes() != &bytes[body_len..] {
         return Err(FormatError::Checksum);
     }
-    Ok(ParsedKey { prefix: &input[..PREFIX_LEN] })
+    Ok(ParsedKey {
+        prefix: &input[..PREFIX_LEN],
+    })
 }
 
 /// Appends `n` characters drawn uniformly from the base62 alphabet. Rejection sampling (bytes
@@ -137,7 +143,11 @@ const CRC32_TABLE: [u32; 256] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         table[i] = c;
@@ -174,7 +184,10 @@ mod tests {
         assert!(k.key.starts_with("kh_"));
         assert!(k.key.starts_with(&k.prefix));
         assert_eq!(k.prefix.len(), PREFIX_LEN);
-        assert!(k.key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        assert!(k
+            .key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_'));
         assert_eq!(parse(&k.key).unwrap().prefix, k.prefix);
     }
 
@@ -205,7 +218,11 @@ mod tests {
         let expected = total as f64 / 62.0;
         for &c in BASE62 {
             let n = counts[c as usize] as f64;
-            assert!((n - expected).abs() < expected * 0.35, "{} seen {n} times", c as char);
+            assert!(
+                (n - expected).abs() < expected * 0.35,
+                "{} seen {n} times",
+                c as char
+            );
         }
     }
 
@@ -265,7 +282,10 @@ mod tests {
         let mut bad_sum = k.clone().into_bytes();
         let last = bad_sum.len() - 1;
         bad_sum[last] = if bad_sum[last] == b'0' { b'1' } else { b'0' };
-        assert_eq!(parse(std::str::from_utf8(&bad_sum).unwrap()), Err(FormatError::Checksum));
+        assert_eq!(
+            parse(std::str::from_utf8(&bad_sum).unwrap()),
+            Err(FormatError::Checksum)
+        );
     }
 
     #[test]

@@ -1,0 +1,68 @@
+//! The one place where keyhippo's errors become Postgres ERRORs.
+//!
+//! Every error a caller can cause has a specific SQLSTATE and a message that names the problem.
+//! Messages never carry a key, a hash, or anything about another user's keys.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug)]
+pub enum KeyhippoError {
+    /// No authenticated user in the request (28000).
+    Unauthenticated(String),
+    /// The caller may not do this (42501).
+    PermissionDenied(String),
+    /// A malformed argument (22023).
+    InvalidArgument(String),
+    /// An unknown scope, or a key that does not exist or is not the caller's (P0002).
+    NotFound(String),
+    /// The object exists but is in the wrong state, e.g. rotating a revoked key (55000).
+    WrongState(String),
+    /// A bug or an unexpected database condition (XX000).
+    Internal(String),
+}
+
+impl KeyhippoError {
+    fn parts(&self) -> (PgSqlErrorCode, &str, Option<&'static str>) {
+        use PgSqlErrorCode::*;
+        match self {
+            KeyhippoError::Unauthenticated(m) => (
+                ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+                m,
+                Some("Call as a signed-in user: request.jwt.claims must carry a \"sub\" that is a user id."),
+            ),
+            KeyhippoError::PermissionDenied(m) => (ERRCODE_INSUFFICIENT_PRIVILEGE, m, None),
+            KeyhippoError::InvalidArgument(m) => (ERRCODE_INVALID_PARAMETER_VALUE, m, None),
+            KeyhippoError::NotFound(m) => (ERRCODE_NO_DATA_FOUND, m, None),
+            KeyhippoError::WrongState(m) => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, m, None),
+            KeyhippoError::Internal(m) => (ERRCODE_INTERNAL_ERROR, m, None),
+        }
+    }
+
+    /// Raises the error as a Postgres ERROR; does not return.
+    pub fn raise(self) -> ! {
+        let (code, message, hint) = self.parts();
+        let mut report = ErrorReport::new(code, message.to_string(), "keyhippo");
+        if let Some(hint) = hint {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("an ERROR report does not return")
+    }
+}
+
+impl From<pgrx::spi::SpiError> for KeyhippoError {
+    fn from(e: pgrx::spi::SpiError) -> Self {
+        KeyhippoError::Internal(format!("keyhippo: SPI failure: {e}"))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, KeyhippoError>;
+
+/// Unwraps a result, raising the error as a Postgres ERROR.
+pub fn or_raise<T>(r: Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => e.raise(),
+    }
+}

@@ -1,0 +1,450 @@
+//! The key lifecycle as SQL functions: create, verify, revoke, rotate, update claims.
+//!
+//! All of them are SECURITY DEFINER (they read or write `api_key_secrets`, which no client role
+//! can see) with `search_path` pinned to `pg_catalog, pg_temp`, and every statement below names
+//! its objects with their schema.
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use pgrx::{JsonB, Uuid};
+
+use crate::context;
+use crate::error::{or_raise, KeyhippoError, Result};
+use crate::plans::{types, Plan};
+use keyhippo_core::{hash, token};
+
+/// Longest description accepted (KeyHippo 1.2.5's limit).
+const MAX_DESCRIPTION_LEN: usize = 255;
+/// Largest claims document accepted, serialized.
+const MAX_CLAIMS_BYTES: usize = 64 * 1024;
+/// `last_used_at` is rewritten at most this often per key, so verify does not write on every
+/// call.
+const LAST_USED_INTERVAL_SECS: f64 = 60.0;
+
+// ---------------------------------------------------------------------------------------------
+// Statements
+
+const CREATE_PRECHECK: Plan = Plan {
+    sql: "SELECT keyhippo_internal.user_exists($1), \
+                 (SELECT s.id FROM keyhippo.scopes s WHERE s.name = $2)",
+    args: &[types::UUID, types::TEXT],
+    mutating: false,
+};
+
+const INSERT_KEY: Plan = Plan {
+    sql: "WITH m AS ( \
+            INSERT INTO keyhippo.api_key_metadata \
+                (user_id, scope_id, description, prefix, claims, expires_at) \
+            VALUES ($1, $2, $3, $4, COALESCE($5, '{}'::jsonb), \
+                    COALESCE($6, pg_catalog.now() + interval '100 years')) \
+            RETURNING id) \
+          INSERT INTO keyhippo.api_key_secrets (key_metadata_id, key_hash) \
+          SELECT m.id, $7 FROM m \
+          RETURNING key_metadata_id",
+    args: &[
+        types::UUID,
+        types::UUID,
+        types::TEXT,
+        types::TEXT,
+        types::JSONB,
+        types::TIMESTAMPTZ,
+        types::TEXT,
+    ],
+    mutating: true,
+};
+
+/// Everything verify needs, in one round trip: the row, its hash, whether `last_used_at` is due
+/// for a refresh, and the permissions (the scope's for a scoped key, else the owner's RBAC
+/// permissions).
+const VERIFY_LOOKUP: Plan = Plan {
+    sql: "SELECT m.id, m.user_id, m.scope_id, s.key_hash, \
+                 (m.last_used_at IS NULL \
+                  OR m.last_used_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)), \
+                 CASE WHEN m.scope_id IS NOT NULL THEN \
+                     ARRAY(SELECT p.name::text \
+                             FROM keyhippo.scope_permissions sp \
+                             JOIN keyhippo_rbac.permissions p ON p.id = sp.permission_id \
+                            WHERE sp.scope_id = m.scope_id \
+                            ORDER BY 1) \
+                 ELSE \
+                     ARRAY(SELECT DISTINCT p.name::text \
+                             FROM keyhippo_rbac.user_group_roles ugr \
+                             JOIN keyhippo_rbac.role_permissions rp ON rp.role_id = ugr.role_id \
+                             JOIN keyhippo_rbac.permissions p ON p.id = rp.permission_id \
+                            WHERE ugr.user_id = m.user_id \
+                            ORDER BY 1) \
+                 END \
+            FROM keyhippo.api_key_metadata m \
+            JOIN keyhippo.api_key_secrets s ON s.key_metadata_id = m.id \
+           WHERE m.prefix = $1 \
+             AND NOT m.is_revoked \
+             AND m.expires_at > pg_catalog.now()",
+    args: &[types::TEXT, types::FLOAT8],
+    mutating: false,
+};
+
+/// Records a use without ever waiting: a row another transaction holds is skipped (that
+/// transaction is recording a use of its own).
+const TOUCH_LAST_USED: Plan = Plan {
+    sql: "UPDATE keyhippo.api_key_metadata m SET last_used_at = pg_catalog.now() \
+           WHERE m.id = (SELECT l.id FROM keyhippo.api_key_metadata l \
+                          WHERE l.id = $1 FOR UPDATE SKIP LOCKED)",
+    args: &[types::UUID],
+    mutating: true,
+};
+
+const CALLER_IS_ADMIN: Plan = Plan {
+    sql: "SELECT keyhippo_internal.caller_is_admin()",
+    args: &[],
+    mutating: false,
+};
+
+/// Revokes a key the caller owns (or any key, for an admin). The secret hash is deleted by the
+/// AFTER UPDATE trigger, so revoking by a direct UPDATE of is_revoked/revoked_at works the same.
+const REVOKE: Plan = Plan {
+    sql: "UPDATE keyhippo.api_key_metadata m \
+             SET is_revoked = true, revoked_at = pg_catalog.now() \
+           WHERE m.id = $1 AND NOT m.is_revoked \
+             AND (m.user_id = $2 OR keyhippo_internal.caller_is_admin()) \
+          RETURNING m.id",
+    args: &[types::UUID, types::UUID],
+    mutating: true,
+};
+
+const KEY_VISIBLE: Plan = Plan {
+    sql: "SELECT m.is_revoked FROM keyhippo.api_key_metadata m \
+           WHERE m.id = $1 AND (m.user_id = $2 OR keyhippo_internal.caller_is_admin())",
+    args: &[types::UUID, types::UUID],
+    mutating: false,
+};
+
+const ROTATE_SOURCE: Plan = Plan {
+    sql: "SELECT m.user_id, m.scope_id, m.description, m.claims, m.is_revoked, \
+                 pg_catalog.now() + (m.expires_at - m.created_at) \
+            FROM keyhippo.api_key_metadata m \
+           WHERE m.id = $1 AND (m.user_id = $2 OR keyhippo_internal.caller_is_admin()) \
+             FOR UPDATE",
+    args: &[types::UUID, types::UUID],
+    mutating: true,
+};
+
+const UPDATE_CLAIMS: Plan = Plan {
+    sql: "UPDATE keyhippo.api_key_metadata m SET claims = $2 \
+           WHERE m.id = $1 AND (m.user_id = $3 OR keyhippo_internal.caller_is_admin()) \
+          RETURNING m.id",
+    args: &[types::UUID, types::JSONB, types::UUID],
+    mutating: true,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// The calling user, or an error for requests that carry none.
+fn require_user() -> Result<Uuid> {
+    context::jwt_subject().ok_or_else(|| {
+        KeyhippoError::Unauthenticated(
+            "keyhippo: this function requires an authenticated user".into(),
+        )
+    })
+}
+
+/// The calling user for management calls: the JWT subject, or None for an admin
+/// (service_role or a superuser) acting without one.
+fn user_or_admin(client: &pgrx::spi::SpiClient<'_>) -> Result<Option<Uuid>> {
+    if let Some(user) = context::jwt_subject() {
+        return Ok(Some(user));
+    }
+    let is_admin = CALLER_IS_ADMIN
+        .run(client, &[])?
+        .first()
+        .get::<bool>(1)?
+        .unwrap_or(false);
+    if is_admin {
+        Ok(None)
+    } else {
+        Err(KeyhippoError::Unauthenticated(
+            "keyhippo: this function requires an authenticated user".into(),
+        ))
+    }
+}
+
+fn validate_description(description: Option<&str>) -> Result<&str> {
+    let d = description.ok_or_else(|| {
+        KeyhippoError::InvalidArgument("keyhippo: key_description must not be NULL".into())
+    })?;
+    if d.chars().count() > MAX_DESCRIPTION_LEN {
+        return Err(KeyhippoError::InvalidArgument(format!(
+            "keyhippo: key_description is longer than {MAX_DESCRIPTION_LEN} characters"
+        )));
+    }
+    if !d
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ' ' || c == '-')
+    {
+        return Err(KeyhippoError::InvalidArgument(
+            "keyhippo: key_description may contain only letters, digits, spaces, '_' and '-'"
+                .into(),
+        ));
+    }
+    Ok(d)
+}
+
+fn key_not_found(id: Uuid) -> KeyhippoError {
+    // The same message whether the key does not exist or belongs to someone else: the caller
+    // learns nothing about other users' keys.
+    KeyhippoError::NotFound(format!("keyhippo: API key {id} not found"))
+}
+
+/// Inserts a key row and its hash; returns (plaintext key, id).
+#[allow(clippy::too_many_arguments)]
+fn insert_key(
+    client: &pgrx::spi::SpiClient<'_>,
+    user_id: Uuid,
+    scope_id: Option<Uuid>,
+    description: Option<&str>,
+    claims: Option<JsonB>,
+    expires_at: Option<TimestampWithTimeZone>,
+) -> Result<(String, Uuid)> {
+    let new_key = token::generate();
+    let key_hash = hash::hash_key(&new_key.key);
+    let id = INSERT_KEY
+        .run(
+            client,
+            &[
+                user_id.into(),
+                scope_id.into(),
+                description.into(),
+                new_key.prefix.as_str().into(),
+                claims.into(),
+                expires_at.into(),
+                key_hash.as_str().into(),
+            ],
+        )?
+        .first()
+        .get::<Uuid>(1)?
+        .ok_or_else(|| KeyhippoError::Internal("keyhippo: key insert returned no row".into()))?;
+    Ok((new_key.key, id))
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQL functions
+
+/// Creates an API key for the current user. The plaintext key is in the result and nowhere
+/// else: only its hash is stored.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn create_api_key(
+    key_description: Option<&str>,
+    scope_name: default!(Option<&str>, "NULL"),
+) -> TableIterator<'static, (name!(api_key, String), name!(api_key_id, Uuid))> {
+    let row = or_raise(create_api_key_impl(key_description, scope_name));
+    TableIterator::once(row)
+}
+
+fn create_api_key_impl(
+    description: Option<&str>,
+    scope_name: Option<&str>,
+) -> Result<(String, Uuid)> {
+    let user = require_user()?;
+    let description = validate_description(description)?;
+    Spi::connect_mut(|client| {
+        let check = CREATE_PRECHECK
+            .run(client, &[user.into(), scope_name.into()])?
+            .first();
+        if !check.get::<bool>(1)?.unwrap_or(false) {
+            return Err(KeyhippoError::Unauthenticated(
+                "keyhippo: the authenticated user does not exist in auth.users".into(),
+            ));
+        }
+        let scope_id = check.get::<Uuid>(2)?;
+        if let (Some(name), None) = (scope_name, scope_id) {
+            return Err(KeyhippoError::NotFound(format!(
+                "keyhippo: scope \"{}\" does not exist",
+                name.escape_default()
+            )));
+        }
+        insert_key(client, user, scope_id, Some(description), None, None)
+    })
+}
+
+/// Verifies a key. One row (owner, scope, permissions) for a valid, unrevoked, unexpired key;
+/// zero rows for anything else, including NULL, junk and keys of the wrong shape. Never raises
+/// for bad input.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn verify_api_key(
+    api_key: Option<&str>,
+) -> TableIterator<
+    'static,
+    (
+        name!(user_id, Option<Uuid>),
+        name!(scope_id, Option<Uuid>),
+        name!(permissions, Option<Vec<String>>),
+    ),
+> {
+    match or_raise(verify(api_key)) {
+        Some(v) => TableIterator::once((Some(v.user_id), v.scope_id, Some(v.permissions))),
+        None => TableIterator::empty(),
+    }
+}
+
+/// A key that verified.
+pub struct VerifiedKey {
+    #[allow(dead_code)] // used by the request-context code
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub scope_id: Option<Uuid>,
+    pub permissions: Vec<String>,
+}
+
+/// The verify path shared by every caller: format and checksum first (no table touched for
+/// junk), then one indexed lookup, then a constant-time hash comparison.
+pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
+    let Some(api_key) = api_key else {
+        return Ok(None);
+    };
+    let Ok(parsed) = token::parse(api_key) else {
+        return Ok(None);
+    };
+    Spi::connect_mut(|client| {
+        let row = VERIFY_LOOKUP
+            .run(
+                client,
+                &[parsed.prefix.into(), LAST_USED_INTERVAL_SECS.into()],
+            )?
+            .first();
+        if row.is_empty() {
+            return Ok(None);
+        }
+        let stored_hash = row.get::<String>(4)?.unwrap_or_default();
+        if !hash::verify_key(api_key, &stored_hash) {
+            return Ok(None);
+        }
+        let id = row.get::<Uuid>(1)?.expect("id is NOT NULL");
+        let verified = VerifiedKey {
+            id,
+            user_id: row.get::<Uuid>(2)?.expect("user_id is NOT NULL"),
+            scope_id: row.get::<Uuid>(3)?,
+            permissions: row.get::<Vec<String>>(6)?.unwrap_or_default(),
+        };
+        let due = row.get::<bool>(5)?.unwrap_or(false);
+        if due && can_write() {
+            TOUCH_LAST_USED.run(client, &[id.into()])?;
+        }
+        Ok(Some(verified))
+    })
+}
+
+/// Whether this transaction may write: not READ ONLY, not on a hot standby.
+fn can_write() -> bool {
+    // SAFETY: reads of backend-local state.
+    unsafe { !pg_sys::XactReadOnly && !pg_sys::RecoveryInProgress() }
+}
+
+/// Revokes a key: true when this call revoked it, false when it was already revoked. Raises
+/// P0002 for a key that does not exist or is not the caller's (admins may revoke any key).
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn revoke_api_key(api_key_id: Option<Uuid>) -> bool {
+    or_raise(revoke_impl(api_key_id))
+}
+
+fn revoke_impl(api_key_id: Option<Uuid>) -> Result<bool> {
+    let id = api_key_id.ok_or_else(|| {
+        KeyhippoError::InvalidArgument("keyhippo: api_key_id must not be NULL".into())
+    })?;
+    Spi::connect_mut(|client| {
+        let user = user_or_admin(client)?;
+        if !REVOKE.run(client, &[id.into(), user.into()])?.is_empty() {
+            return Ok(true);
+        }
+        let visible = KEY_VISIBLE.run(client, &[id.into(), user.into()])?;
+        if visible.is_empty() {
+            Err(key_not_found(id))
+        } else {
+            Ok(false)
+        }
+    })
+}
+
+/// Replaces a key with a new one of the same owner, description, scope, claims and lifetime,
+/// and revokes the old one, atomically.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn rotate_api_key(
+    old_api_key_id: Option<Uuid>,
+) -> TableIterator<'static, (name!(new_api_key, String), name!(new_api_key_id, Uuid))> {
+    TableIterator::once(or_raise(rotate_impl(old_api_key_id)))
+}
+
+fn rotate_impl(old_api_key_id: Option<Uuid>) -> Result<(String, Uuid)> {
+    let id = old_api_key_id.ok_or_else(|| {
+        KeyhippoError::InvalidArgument("keyhippo: old_api_key_id must not be NULL".into())
+    })?;
+    Spi::connect_mut(|client| {
+        let user = user_or_admin(client)?;
+        let old = ROTATE_SOURCE
+            .run(client, &[id.into(), user.into()])?
+            .first();
+        if old.is_empty() {
+            return Err(key_not_found(id));
+        }
+        if old.get::<bool>(5)?.unwrap_or(false) {
+            return Err(KeyhippoError::WrongState(format!(
+                "keyhippo: API key {id} is revoked and cannot be rotated; create a new key instead"
+            )));
+        }
+        let owner = old.get::<Uuid>(1)?.expect("user_id is NOT NULL");
+        let scope_id = old.get::<Uuid>(2)?;
+        let description = old.get::<String>(3)?;
+        let claims = old.get::<JsonB>(4)?;
+        let expires_at = old.get::<TimestampWithTimeZone>(6)?;
+        let created = insert_key(
+            client,
+            owner,
+            scope_id,
+            description.as_deref(),
+            claims,
+            expires_at,
+        )?;
+        REVOKE.run(client, &[id.into(), user.into()])?;
+        Ok(created)
+    })
+}
+
+/// Replaces a key's claims (a JSON object) for its owner or an admin.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn update_key_claims(key_id: Option<Uuid>, new_claims: Option<JsonB>) {
+    or_raise(update_claims_impl(key_id, new_claims))
+}
+
+fn update_claims_impl(key_id: Option<Uuid>, new_claims: Option<JsonB>) -> Result<()> {
+    let id = key_id.ok_or_else(|| {
+        KeyhippoError::InvalidArgument("keyhippo: key_id must not be NULL".into())
+    })?;
+    let claims = new_claims.ok_or_else(|| {
+        KeyhippoError::InvalidArgument("keyhippo: new_claims must not be NULL".into())
+    })?;
+    if !claims.0.is_object() {
+        return Err(KeyhippoError::InvalidArgument(
+            "keyhippo: new_claims must be a JSON object".into(),
+        ));
+    }
+    if claims.0.to_string().len() > MAX_CLAIMS_BYTES {
+        return Err(KeyhippoError::InvalidArgument(format!(
+            "keyhippo: new_claims is larger than {MAX_CLAIMS_BYTES} bytes"
+        )));
+    }
+    Spi::connect_mut(|client| {
+        let user = user_or_admin(client)?;
+        if UPDATE_CLAIMS
+            .run(client, &[id.into(), claims.into(), user.into()])?
+            .is_empty()
+        {
+            Err(key_not_found(id))
+        } else {
+            Ok(())
+        }
+    })
+}

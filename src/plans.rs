@@ -1,0 +1,58 @@
+//! SPI statements prepared once per backend and kept for its lifetime.
+//!
+//! Backends are single-threaded, so a `thread_local!` is a per-backend cache. Plans are keyed by
+//! their SQL text. Every statement names its objects fully, so a plan stays correct whatever the
+//! caller's search_path; Postgres re-plans it by name if the tables are dropped and recreated
+//! (DROP EXTENSION / CREATE EXTENSION in the same session).
+
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::PgOid;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use crate::error::Result;
+
+thread_local! {
+    static PLANS: RefCell<HashMap<&'static str, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+}
+
+/// A statement and the types of its parameters.
+pub struct Plan {
+    pub sql: &'static str,
+    pub args: &'static [PgOid],
+    /// Whether the statement writes (prepared with `prepare_mut`).
+    pub mutating: bool,
+}
+
+impl Plan {
+    /// Runs the statement with `args`, preparing and keeping it on first use.
+    pub fn run<'conn>(
+        &self,
+        client: &SpiClient<'conn>,
+        args: &[DatumWithOid<'_>],
+    ) -> Result<SpiTupleTable<'conn>> {
+        PLANS.with(|plans| {
+            let mut plans = plans.borrow_mut();
+            if !plans.contains_key(self.sql) {
+                let prepared = if self.mutating {
+                    client.prepare_mut(self.sql, self.args)?
+                } else {
+                    client.prepare(self.sql, self.args)?
+                };
+                plans.insert(self.sql, prepared.keep());
+            }
+            let stmt = plans.get(self.sql).expect("inserted above");
+            Ok(client.select(stmt, None, args)?)
+        })
+    }
+}
+
+pub mod types {
+    use pgrx::pg_sys::{BuiltinOid, PgOid};
+    pub const UUID: PgOid = PgOid::BuiltIn(BuiltinOid::UUIDOID);
+    pub const TEXT: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTOID);
+    pub const JSONB: PgOid = PgOid::BuiltIn(BuiltinOid::JSONBOID);
+    pub const TIMESTAMPTZ: PgOid = PgOid::BuiltIn(BuiltinOid::TIMESTAMPTZOID);
+    pub const FLOAT8: PgOid = PgOid::BuiltIn(BuiltinOid::FLOAT8OID);
+}
