@@ -1,6 +1,172 @@
+//! `#[pg_test]`s: where the Rust code meets Postgres (SPI, settings, roles, the catalogue).
+//! The SQL contract, role by role, is in tests/pg_regress.
+
 use pgrx::prelude::*;
 
-#[pg_test]
-fn smoke() {
-    assert!(Spi::get_one::<bool>("SELECT true").unwrap().unwrap());
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    const USER_A: &str = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa";
+
+    fn act_as(sub: &str) {
+        Spi::run(&format!(
+            "SELECT set_config('request.jwt.claims', '{{\"sub\":\"{sub}\",\"role\":\"authenticated\"}}', true)"
+        ))
+        .unwrap();
+    }
+
+    fn create_key(description: &str) -> (String, pgrx::Uuid) {
+        let (key, id) = Spi::get_two::<String, pgrx::Uuid>(&format!(
+            "SELECT api_key, api_key_id FROM keyhippo.create_api_key('{description}')"
+        ))
+        .unwrap();
+        (key.unwrap(), id.unwrap())
+    }
+
+    fn verify_count(key_sql: &str) -> i64 {
+        Spi::get_one::<i64>(&format!(
+            "SELECT count(*) FROM keyhippo.verify_api_key({key_sql})"
+        ))
+        .unwrap()
+        .unwrap()
+    }
+
+    #[pg_test]
+    fn created_key_verifies_and_reports_its_owner() {
+        act_as(USER_A);
+        let (key, id) = create_key("pg test");
+        assert!(key.starts_with("kh_"));
+        let owner = Spi::get_one::<pgrx::Uuid>(&format!(
+            "SELECT user_id FROM keyhippo.verify_api_key('{key}')"
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(owner.to_string(), USER_A);
+        let prefix = Spi::get_one::<String>(&format!(
+            "SELECT prefix FROM keyhippo.api_key_metadata WHERE id = '{id}'"
+        ))
+        .unwrap()
+        .unwrap();
+        assert!(key.starts_with(&prefix));
+    }
+
+    #[pg_test]
+    fn stored_hash_names_its_algorithm_and_is_not_the_key() {
+        act_as(USER_A);
+        let (key, id) = create_key("hash");
+        let stored = Spi::get_one::<String>(&format!(
+            "SELECT key_hash FROM keyhippo.api_key_secrets WHERE key_metadata_id = '{id}'"
+        ))
+        .unwrap()
+        .unwrap();
+        assert!(stored.starts_with("sha256$"));
+        assert_eq!(stored, keyhippo_core::hash::hash_key(&key));
+        assert!(!stored.contains(&key[3..]));
+    }
+
+    /// One `#[pg_test]` per kind of junk: verify answers zero rows and never raises.
+    macro_rules! verify_rejects {
+        ($($name:ident: $sql:expr,)*) => {$(
+            #[pg_test]
+            fn $name() {
+                act_as(USER_A);
+                let _ = create_key("junk target");
+                assert_eq!(verify_count($sql), 0);
+            }
+        )*};
+    }
+
+    verify_rejects! {
+        verify_rejects_null: "NULL",
+        verify_rejects_empty: "''",
+        verify_rejects_huge: "repeat('k', 100000)",
+        verify_rejects_quotes: "$$kh_'; DROP TABLE keyhippo.api_key_metadata; --$$",
+        verify_rejects_non_ascii: "'kh_ééééééééééééééééé_ключ'",
+        verify_rejects_binary_junk: "(SELECT string_agg(chr(1 + (i * 37) % 255), '') FROM generate_series(1, 69) i)",
+        verify_rejects_wrong_checksum: "(SELECT prefix || '_' || repeat('A', 43) || '000000' FROM keyhippo.api_key_metadata LIMIT 1)",
+    }
+
+    #[pg_test]
+    fn a_real_prefix_with_a_forged_secret_does_not_verify() {
+        act_as(USER_A);
+        let (key, _) = create_key("forgery");
+        // Same prefix, another secret, and a valid checksum: passes the format check, fails the hash.
+        let fresh = keyhippo_core::token::generate().key;
+        let body = format!("{}{}", &key[..20], &fresh[20..fresh.len() - 6]);
+        let forged = keyhippo_core::token::seal(body);
+        assert!(keyhippo_core::token::parse(&forged).is_ok());
+        assert_eq!(verify_count(&format!("'{forged}'")), 0);
+        assert_eq!(verify_count(&format!("'{key}'")), 1);
+    }
+
+    #[pg_test]
+    fn revocation_deletes_the_hash_and_stops_verification() {
+        act_as(USER_A);
+        let (key, id) = create_key("revoke me");
+        let revoked = Spi::get_one::<bool>(&format!("SELECT keyhippo.revoke_api_key('{id}')"))
+            .unwrap()
+            .unwrap();
+        assert!(revoked);
+        let secrets = Spi::get_one::<i64>(&format!(
+            "SELECT count(*) FROM keyhippo.api_key_secrets WHERE key_metadata_id = '{id}'"
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(secrets, 0);
+        assert_eq!(verify_count(&format!("'{key}'")), 0);
+    }
+
+    #[pg_test]
+    fn definer_functions_see_the_outer_role() {
+        Spi::run("SET LOCAL ROLE authenticated").unwrap();
+        // caller_is_admin is SECURITY DEFINER: inside it current_user is the owner, but the caller
+        // (authenticated, with no admin role) must not count as an admin.
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT keyhippo_internal.caller_is_admin()").unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            Spi::get_one::<String>("SELECT keyhippo_internal.caller_role_name()").unwrap(),
+            Some("authenticated".into())
+        );
+        Spi::run("RESET ROLE").unwrap();
+    }
+
+    #[pg_test]
+    fn empty_or_malformed_claims_mean_nobody() {
+        for claims in ["", "not json", "[]", "{\"sub\":\"nope\"}", "{\"sub\":42}"] {
+            Spi::run(&format!(
+                "SELECT set_config('request.jwt.claims', $q${claims}$q$, true)"
+            ))
+            .unwrap();
+            assert_eq!(
+                Spi::get_one::<pgrx::Uuid>("SELECT keyhippo_internal.current_user_id()").unwrap(),
+                None,
+                "{claims}"
+            );
+        }
+    }
+
+    #[pg_test]
+    fn verify_works_in_a_read_only_transaction() {
+        act_as(USER_A);
+        let (key, _) = create_key("read only");
+        Spi::run("SET LOCAL transaction_read_only = on").unwrap();
+        assert_eq!(verify_count(&format!("'{key}'")), 1);
+    }
+
+    #[pg_test]
+    fn every_security_definer_function_pins_search_path() {
+        let unpinned = Spi::get_one::<i64>(
+            "SELECT count(*) FROM pg_catalog.pg_proc p
+               JOIN pg_catalog.pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
+               JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'keyhippo'
+              WHERE p.prosecdef
+                AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(unpinned, 0);
+    }
 }

@@ -69,10 +69,16 @@ pub fn generate() -> NewKey {
     let prefix = key.clone();
     key.push('_');
     push_random_base62(&mut rng, &mut key, SECRET_LEN);
-    let checksum = encode_checksum(crc32(key.as_bytes()));
-    key.push_str(&checksum);
+    let key = seal(key);
     debug_assert_eq!(key.len(), KEY_LEN);
     NewKey { key, prefix }
+}
+
+/// Appends the checksum to a key body (`kh_<lookup>_<secret>`).
+pub fn seal(mut body: String) -> String {
+    let checksum = encode_checksum(crc32(body.as_bytes()));
+    body.push_str(&checksum);
+    body
 }
 
 /// Checks the format and checksum of `input` without any lookup. Cheap enough to run on every
