@@ -30,7 +30,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF OLD.is_revoked AND (NOT NEW.is_revoked OR NEW.revoked_at IS NULL) THEN
-        RAISE EXCEPTION 'keyhippo: API key % is revoked and cannot be restored', OLD.id
+        RAISE EXCEPTION 'keyhippo: a revoked API key cannot be restored'
             USING ERRCODE = '55000', HINT = 'Create a new key instead.';
     END IF;
     IF NEW.revoked_at IS NOT NULL AND NOT NEW.is_revoked THEN

@@ -10,6 +10,8 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 pub enum KeyhippoError {
     /// No authenticated user in the request (28000).
     Unauthenticated(String),
+    /// The request's subject is not a user of auth.users (28000).
+    UnknownUser(String),
     /// The caller may not do this (42501).
     PermissionDenied(String),
     /// A malformed argument (22023).
@@ -30,6 +32,11 @@ impl KeyhippoError {
                 ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
                 m,
                 Some("Call as a signed-in user: request.jwt.claims must carry a \"sub\" that is a user id."),
+            ),
+            KeyhippoError::UnknownUser(m) => (
+                ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+                m,
+                Some("The JWT's \"sub\" names no row of auth.users; was the user deleted?"),
             ),
             KeyhippoError::PermissionDenied(m) => (ERRCODE_INSUFFICIENT_PRIVILEGE, m, None),
             KeyhippoError::InvalidArgument(m) => (ERRCODE_INVALID_PARAMETER_VALUE, m, None),

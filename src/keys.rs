@@ -189,10 +189,10 @@ fn validate_description(description: Option<&str>) -> Result<&str> {
     Ok(d)
 }
 
-fn key_not_found(id: Uuid) -> KeyhippoError {
+fn key_not_found() -> KeyhippoError {
     // The same message whether the key does not exist or belongs to someone else: the caller
     // learns nothing about other users' keys.
-    KeyhippoError::NotFound(format!("keyhippo: API key {id} not found"))
+    KeyhippoError::NotFound("keyhippo: API key not found among the caller's keys".into())
 }
 
 /// Inserts a key row and its hash; returns (plaintext key, id).
@@ -252,7 +252,7 @@ fn create_api_key_impl(
             .run(client, &[user.into(), scope_name.into()])?
             .first();
         if !check.get::<bool>(1)?.unwrap_or(false) {
-            return Err(KeyhippoError::Unauthenticated(
+            return Err(KeyhippoError::UnknownUser(
                 "keyhippo: the authenticated user does not exist in auth.users".into(),
             ));
         }
@@ -360,7 +360,7 @@ fn revoke_impl(api_key_id: Option<Uuid>) -> Result<bool> {
         }
         let visible = KEY_VISIBLE.run(client, &[id.into(), user.into()])?;
         if visible.is_empty() {
-            Err(key_not_found(id))
+            Err(key_not_found())
         } else {
             Ok(false)
         }
@@ -387,12 +387,13 @@ fn rotate_impl(old_api_key_id: Option<Uuid>) -> Result<(String, Uuid)> {
             .run(client, &[id.into(), user.into()])?
             .first();
         if old.is_empty() {
-            return Err(key_not_found(id));
+            return Err(key_not_found());
         }
         if old.get::<bool>(5)?.unwrap_or(false) {
-            return Err(KeyhippoError::WrongState(format!(
-                "keyhippo: API key {id} is revoked and cannot be rotated; create a new key instead"
-            )));
+            return Err(KeyhippoError::WrongState(
+                "keyhippo: the API key is revoked and cannot be rotated; create a new key instead"
+                    .into(),
+            ));
         }
         let owner = old.get::<Uuid>(1)?.expect("user_id is NOT NULL");
         let scope_id = old.get::<Uuid>(2)?;
@@ -442,7 +443,7 @@ fn update_claims_impl(key_id: Option<Uuid>, new_claims: Option<JsonB>) -> Result
             .run(client, &[id.into(), claims.into(), user.into()])?
             .is_empty()
         {
-            Err(key_not_found(id))
+            Err(key_not_found())
         } else {
             Ok(())
         }
