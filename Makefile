@@ -1,0 +1,34 @@
+# keyhippo: the commands the README names. Each target installs what it needs (bin/deps).
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+BENCH_KEYS ?= 100000
+
+.PHONY: deps build install run stop test installcheck clean
+
+deps:
+	bin/deps
+
+build: deps
+	cargo build --release
+
+## Build and install the extension into the system's Postgres 15.
+install: deps
+	cargo pgrx install --release --pg-config $(PG_CONFIG)
+
+## A throwaway cluster with a Supabase-shaped database, the extension, and a short demo.
+run: install
+	bin/demo
+
+## Stop and remove the `make run` cluster.
+stop:
+	bin/cluster stop run
+
+## Every test layer, ending with "N passed, N failed".
+test: deps
+	bin/test
+
+## Only the pg_regress suite (after make install).
+installcheck: install
+	bin/installcheck
+
+clean: stop
+	cargo clean

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Concurrency with real parallel connections against a throwaway cluster (the extension must be
+# installed). Ends with "concurrency: N passed, N failed".
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PGBIN=/usr/lib/postgresql/15/bin
+PORT=${CONCURRENCY_PORT:-55440}
+WORK="$ROOT/target/concurrency"
+bin/cluster start concurrency "$PORT" || exit 1
+trap 'bin/cluster stop concurrency' EXIT
+rm -rf "$WORK"; mkdir -p "$WORK"
+
+export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=kh
+q() { "$PGBIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
+q -d postgres -c 'CREATE DATABASE kh'
+q -f tests/fixtures/supabase.sql -c 'CREATE EXTENSION keyhippo' >/dev/null
+
+USER_A=aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa
+q -c "INSERT INTO auth.users (id, email) VALUES ('$USER_A', 'a@example.com')"
+# A request of user A, as PostgREST runs it: claims, then the role.
+as_a="DO \$\$ BEGIN PERFORM set_config('request.jwt.claims', '{\"sub\":\"$USER_A\",\"role\":\"authenticated\"}', false); END \$\$; SET ROLE authenticated;"
+new_key() { q -c "$as_a" -c "SELECT api_key || ' ' || api_key_id FROM keyhippo.create_api_key('$1')" | tail -1; }
+
+passed=0 failed=0
+check() { # name expected actual
+    if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   - $1"
+    else failed=$((failed + 1)); echo "FAIL - $1: expected '$2', got '$3'"; fi
+}
+
+# 1. Eight connections revoke the same key at once: exactly one of them revokes it.
+read -r key id <<<"$(new_key race)"
+q -c "$as_a" -c "BEGIN" -c "SELECT keyhippo.revoke_api_key('$id')" -c "SELECT pg_sleep(1.5)" -c "COMMIT" \
+    >"$WORK/revoke.0" &
+sleep 0.5
+for i in 1 2 3 4 5 6 7; do
+    q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >"$WORK/revoke.$i" &
+done
+wait
+check "8 concurrent revokes: one true" 1 "$(cat "$WORK"/revoke.* | grep -c '^t$')"
+check "8 concurrent revokes: seven false" 7 "$(cat "$WORK"/revoke.* | grep -c '^f$')"
+check "revoked key no longer verifies" 0 "$(q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')")"
+
+# 2. A revocation committed in one backend is seen by the very next verify of another backend
+#    that has verified (and so prepared its plan for) the same key before.
+read -r key id <<<"$(new_key visibility)"
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "SELECT pg_sleep(1.5)" \
+  -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >"$WORK/verifier" &
+sleep 0.5
+q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >/dev/null
+wait
+check "verify in another backend: before revoke, after revoke" "1 0" "$(grep -v '^$' "$WORK/verifier" | tr '\n' ' ' | sed 's/ $//')"
+
+# 3. Four connections create 200 keys each at the same time: 800 distinct keys, all verify.
+for i in 1 2 3 4; do
+    q -c "$as_a" -c "SELECT api_key FROM generate_series(1, 200) n, keyhippo.create_api_key('parallel ' || n)" \
+        >"$WORK/created.$i" &
+done
+wait
+check "parallel creation: distinct keys" 800 "$(cat "$WORK"/created.* | sort -u | grep -c '^kh_')"
+q -c "CREATE TABLE public.created (api_key text)"
+cat "$WORK"/created.* | q -c "COPY public.created FROM STDIN"
+check "parallel creation: all verify" 800 \
+    "$(q -c "SELECT count(*) FROM public.created c, keyhippo.verify_api_key(c.api_key) v")"
+
+# 4. Verify under load from two connections while a third revokes and rotates keys: no errors.
+read -r key id <<<"$(new_key load)"
+echo "SELECT count(*) FROM keyhippo.verify_api_key('$key');" >"$WORK/verify.sql"
+"$PGBIN/pgbench" -n -M prepared -c 2 -j 2 -T 3 -f "$WORK/verify.sql" kh >"$WORK/pgbench.log" 2>&1 &
+for i in $(seq 1 20); do
+    read -r _ rid <<<"$(new_key churn)"
+    q -c "$as_a" -c "SELECT count(*) FROM keyhippo.rotate_api_key('$rid')" >/dev/null
+done
+wait
+check "pgbench verify under churn: no failed transactions" 0 \
+    "$(grep -E '^number of failed transactions' "$WORK/pgbench.log" | sed -E 's/[^:]*: ([0-9]+).*/\1/' || echo missing)"
+check "pgbench verify under churn: transactions ran" yes \
+    "$(grep -qE '^number of transactions actually processed: [1-9]' "$WORK/pgbench.log" && echo yes || echo no)"
+
+echo "concurrency: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
