@@ -4,20 +4,252 @@
 -- Every SECURITY DEFINER function pins search_path to pg_catalog, pg_temp and names every
 -- object with its schema.
 
--- Who may manage every key: service_role, a superuser, or a user holding an RBAC role of type
--- 'admin'. (Holding manage_api_keys is not enough: every default user holds it.)
+-- Who may manage every key and every RBAC object: service_role, a superuser, a JWT whose
+-- user_role claim is 'admin' (Supabase's custom access token hook), or a user holding an RBAC
+-- role of type 'admin'. (Holding manage_api_keys is not enough: every default user holds it.)
 CREATE FUNCTION keyhippo_internal.caller_is_admin() RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT keyhippo_internal.caller_role_name() = 'service_role'
         OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
                     WHERE r.rolname = keyhippo_internal.caller_role_name() AND r.rolsuper)
+        OR keyhippo_internal.jwt_user_role() IS NOT DISTINCT FROM 'admin'
         OR EXISTS (SELECT 1
                      FROM keyhippo_rbac.user_group_roles ugr
                      JOIN keyhippo_rbac.roles r ON r.id = ugr.role_id
                     WHERE ugr.user_id = keyhippo_internal.current_user_id()
                       AND r.role_type = 'admin')
+$$;
+
+-- Authorization ---------------------------------------------------------------------------------
+
+-- Whether the current request holds a permission: through its API key's scope, the user's RBAC
+-- roles, or the JWT's user_role claim.
+CREATE FUNCTION keyhippo.authorize(requested_permission keyhippo.app_permission) RETURNS boolean
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT COALESCE(keyhippo_internal.has_permission(requested_permission::text), false)
+$$;
+
+-- KeyHippo's table-flavoured check: whether the current request holds the named permission.
+-- An unknown permission name is never held. The resource must exist (it is a regclass) and is
+-- otherwise not consulted: table privileges remain Postgres' own business.
+CREATE FUNCTION keyhippo.is_authorized(target_resource regclass, required_permission text)
+RETURNS boolean
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT target_resource IS NOT NULL
+       AND required_permission IN (
+               SELECT e::text
+                 FROM pg_catalog.unnest(pg_catalog.enum_range(NULL::keyhippo.app_permission)) e)
+       AND COALESCE(keyhippo_internal.has_permission(required_permission), false)
+$$;
+
+-- Raises 42501 unless the caller is an admin or holds the permission.
+CREATE FUNCTION keyhippo_internal.require_permission(p_permission keyhippo.app_permission)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF keyhippo_internal.caller_is_admin() OR keyhippo.authorize(p_permission) THEN
+        RETURN;
+    END IF;
+    RAISE EXCEPTION 'keyhippo: permission denied: this requires %', p_permission
+        USING ERRCODE = '42501',
+              HINT = 'Ask an administrator for a role that grants it.';
+END
+$$;
+
+-- PostgREST's db-pre-request hook. Every non-anonymous request passes; an anonymous one needs a
+-- valid key in x-api-key, else HTTP 401 with a JSON body that says no more than "invalid or
+-- missing API key". The role is read with GetOuterUserId() (caller_role_name): inside this
+-- SECURITY DEFINER function current_role is the owner, which is why KeyHippo 1.2.5's hook never
+-- refused anything.
+CREATE FUNCTION keyhippo.check_request() RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF keyhippo_internal.caller_role_name() IS DISTINCT FROM 'anon' THEN
+        RETURN;
+    END IF;
+    IF keyhippo_internal.header_key_valid() THEN
+        RETURN;
+    END IF;
+    RAISE SQLSTATE 'PGRST' USING
+        MESSAGE = '{"code":"KH401","message":"invalid or missing API key","details":null,"hint":"Send a valid API key in the x-api-key header."}',
+        DETAIL = '{"status":401,"headers":{"WWW-Authenticate":"ApiKey"}}';
+END
+$$;
+
+-- RBAC management -------------------------------------------------------------------------------
+
+CREATE FUNCTION keyhippo_rbac.create_group(p_name text, p_description text) RETURNS uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id uuid;
+BEGIN
+    PERFORM keyhippo_internal.require_permission('manage_groups');
+    IF p_name IS NULL OR pg_catalog.btrim(p_name) = '' THEN
+        RAISE EXCEPTION 'keyhippo: a group needs a name' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO keyhippo_rbac.groups (name, description) VALUES (p_name, p_description)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING id INTO v_id;
+    IF v_id IS NULL THEN
+        RAISE EXCEPTION 'keyhippo: a group named "%" already exists', p_name USING ERRCODE = '23505';
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+CREATE FUNCTION keyhippo_rbac.create_role(p_name text, p_description text, p_group_id uuid,
+                                          p_role_type keyhippo.app_role)
+RETURNS uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id uuid;
+BEGIN
+    PERFORM keyhippo_internal.require_permission('manage_roles');
+    IF p_role_type = 'admin' AND NOT keyhippo_internal.caller_is_admin() THEN
+        RAISE EXCEPTION 'keyhippo: only an administrator may create a role of type admin'
+            USING ERRCODE = '42501';
+    END IF;
+    IF p_name IS NULL OR pg_catalog.btrim(p_name) = '' OR p_role_type IS NULL THEN
+        RAISE EXCEPTION 'keyhippo: a role needs a name and a role type' USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM keyhippo_rbac.groups g WHERE g.id = p_group_id) THEN
+        RAISE EXCEPTION 'keyhippo: group % does not exist', p_group_id USING ERRCODE = 'P0002';
+    END IF;
+    INSERT INTO keyhippo_rbac.roles (name, description, group_id, role_type)
+    VALUES (p_name, p_description, p_group_id, p_role_type)
+    ON CONFLICT (name, group_id) DO NOTHING
+    RETURNING id INTO v_id;
+    IF v_id IS NULL THEN
+        RAISE EXCEPTION 'keyhippo: group % already has a role named "%"', p_group_id, p_name
+            USING ERRCODE = '23505';
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+CREATE FUNCTION keyhippo_rbac.assign_role_to_user(p_user_id uuid, p_group_id uuid, p_role_id uuid)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_role_type keyhippo.app_role;
+BEGIN
+    PERFORM keyhippo_internal.require_permission('manage_roles');
+    SELECT r.role_type INTO v_role_type
+      FROM keyhippo_rbac.roles r WHERE r.id = p_role_id AND r.group_id = p_group_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'keyhippo: no such role in that group'
+            USING ERRCODE = 'P0002', HINT = 'p_role_id must name a role whose group_id is p_group_id.';
+    END IF;
+    IF v_role_type = 'admin' AND NOT keyhippo_internal.caller_is_admin() THEN
+        RAISE EXCEPTION 'keyhippo: only an administrator may assign a role of type admin'
+            USING ERRCODE = '42501';
+    END IF;
+    IF NOT COALESCE(keyhippo_internal.user_exists(p_user_id), false) THEN
+        RAISE EXCEPTION 'keyhippo: user % does not exist', p_user_id USING ERRCODE = 'P0002';
+    END IF;
+    INSERT INTO keyhippo_rbac.user_group_roles (user_id, group_id, role_id)
+    VALUES (p_user_id, p_group_id, p_role_id)
+    ON CONFLICT (user_id, group_id, role_id) DO NOTHING;
+END
+$$;
+
+CREATE FUNCTION keyhippo_rbac.assign_permission_to_role(p_role_id uuid,
+                                                        p_permission_name keyhippo.app_permission)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_permission_id uuid;
+BEGIN
+    PERFORM keyhippo_internal.require_permission('manage_permissions');
+    IF NOT EXISTS (SELECT 1 FROM keyhippo_rbac.roles r WHERE r.id = p_role_id) THEN
+        RAISE EXCEPTION 'keyhippo: role % does not exist', p_role_id USING ERRCODE = 'P0002';
+    END IF;
+    SELECT p.id INTO v_permission_id FROM keyhippo_rbac.permissions p WHERE p.name = p_permission_name;
+    IF v_permission_id IS NULL THEN
+        RAISE EXCEPTION 'keyhippo: permission % does not exist; run keyhippo.initialize_keyhippo()',
+            p_permission_name USING ERRCODE = 'P0002';
+    END IF;
+    INSERT INTO keyhippo_rbac.role_permissions (role_id, permission_id)
+    VALUES (p_role_id, v_permission_id)
+    ON CONFLICT (role_id, permission_id) DO NOTHING;
+END
+$$;
+
+-- New users get the default User role.
+CREATE FUNCTION keyhippo_internal.assign_default_role() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO keyhippo_rbac.user_group_roles (user_id, group_id, role_id)
+    SELECT NEW.id, r.group_id, r.id
+      FROM keyhippo_rbac.roles r
+      JOIN keyhippo_rbac.groups g ON g.id = r.group_id
+     WHERE r.name = 'User' AND g.name = 'User Group'
+    ON CONFLICT (user_id, group_id, role_id) DO NOTHING;
+    RETURN NULL;
+END
+$$;
+
+DO $auth_trigger$
+BEGIN
+    IF pg_catalog.to_regclass('auth.users') IS NOT NULL THEN
+        CREATE TRIGGER keyhippo_assign_default_role
+            AFTER INSERT ON auth.users
+            FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.assign_default_role();
+    END IF;
+END
+$auth_trigger$;
+
+-- Impersonation (database owner only) ------------------------------------------------------------
+
+-- Act as a user of auth.users (or any user id on plain Postgres) for up to one hour: the
+-- session switches to role authenticated and keyhippo's context resolves to that user.
+CREATE PROCEDURE keyhippo_impersonation.login_as_user(user_id uuid)
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM keyhippo_impersonation.begin_impersonation(user_id);
+    SET ROLE authenticated;
+END
+$$;
+
+-- Act as an anonymous request.
+CREATE PROCEDURE keyhippo_impersonation.login_as_anon()
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM keyhippo_impersonation.begin_impersonation(NULL);
+    SET ROLE anon;
+END
+$$;
+
+-- End the impersonation and return to the original role.
+CREATE PROCEDURE keyhippo_impersonation.logout()
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM keyhippo_impersonation.end_impersonation();
+    RESET ROLE;
+END
 $$;
 
 -- Revocation ------------------------------------------------------------------------------------
@@ -172,25 +404,51 @@ CREATE POLICY api_key_metadata_service_role ON keyhippo.api_key_metadata
 -- api_key_secrets: no policy at all, so nobody but the table owner (the definer of keyhippo's
 -- functions) reads a row, even if a grant is added by mistake.
 
+-- Scopes and RBAC objects: readable by signed-in users. Groups and scopes may be written by admins
+-- and holders of manage_groups / manage_scopes. Roles, role permissions and role assignments are
+-- written directly only by admins; holders of manage_roles / manage_permissions go through the
+-- keyhippo_rbac functions, which also keep admin-type roles for admins.
 CREATE POLICY scopes_read ON keyhippo.scopes FOR SELECT TO authenticated USING (true);
-CREATE POLICY scopes_service_role ON keyhippo.scopes
-    FOR ALL TO service_role USING (true) WITH CHECK (true);
+CREATE POLICY scopes_write ON keyhippo.scopes FOR ALL TO authenticated
+    USING ((SELECT keyhippo_internal.caller_is_admin()) OR (SELECT keyhippo.authorize('manage_scopes')))
+    WITH CHECK ((SELECT keyhippo_internal.caller_is_admin()) OR (SELECT keyhippo.authorize('manage_scopes')));
 CREATE POLICY scope_permissions_read ON keyhippo.scope_permissions
     FOR SELECT TO authenticated USING (true);
-CREATE POLICY scope_permissions_service_role ON keyhippo.scope_permissions
-    FOR ALL TO service_role USING (true) WITH CHECK (true);
+CREATE POLICY scope_permissions_write ON keyhippo.scope_permissions FOR ALL TO authenticated
+    USING ((SELECT keyhippo_internal.caller_is_admin()) OR (SELECT keyhippo.authorize('manage_scopes')))
+    WITH CHECK ((SELECT keyhippo_internal.caller_is_admin()) OR (SELECT keyhippo.authorize('manage_scopes')));
 
 CREATE POLICY groups_read ON keyhippo_rbac.groups FOR SELECT TO authenticated USING (true);
+CREATE POLICY groups_write ON keyhippo_rbac.groups FOR ALL TO authenticated
+    USING ((SELECT keyhippo_internal.caller_is_admin()) OR (SELECT keyhippo.authorize('manage_groups')))
+    WITH CHECK ((SELECT keyhippo_internal.caller_is_admin()) OR (SELECT keyhippo.authorize('manage_groups')));
 CREATE POLICY roles_read ON keyhippo_rbac.roles FOR SELECT TO authenticated USING (true);
+CREATE POLICY roles_write ON keyhippo_rbac.roles FOR ALL TO authenticated
+    USING ((SELECT keyhippo_internal.caller_is_admin()))
+    WITH CHECK ((SELECT keyhippo_internal.caller_is_admin()));
 CREATE POLICY permissions_read ON keyhippo_rbac.permissions
     FOR SELECT TO authenticated USING (true);
+CREATE POLICY permissions_write ON keyhippo_rbac.permissions FOR ALL TO authenticated
+    USING ((SELECT keyhippo_internal.caller_is_admin()))
+    WITH CHECK ((SELECT keyhippo_internal.caller_is_admin()));
 CREATE POLICY role_permissions_read ON keyhippo_rbac.role_permissions
     FOR SELECT TO authenticated USING (true);
-CREATE POLICY user_group_roles_own ON keyhippo_rbac.user_group_roles
+CREATE POLICY role_permissions_write ON keyhippo_rbac.role_permissions FOR ALL TO authenticated
+    USING ((SELECT keyhippo_internal.caller_is_admin()))
+    WITH CHECK ((SELECT keyhippo_internal.caller_is_admin()));
+CREATE POLICY user_group_roles_read ON keyhippo_rbac.user_group_roles
     FOR SELECT TO authenticated
     USING (user_id = (SELECT keyhippo_internal.current_user_id())
-           OR (SELECT keyhippo_internal.caller_is_admin()));
+           OR (SELECT keyhippo_internal.caller_is_admin())
+           OR (SELECT keyhippo.authorize('manage_roles')));
+CREATE POLICY user_group_roles_write ON keyhippo_rbac.user_group_roles FOR ALL TO authenticated
+    USING ((SELECT keyhippo_internal.caller_is_admin()))
+    WITH CHECK ((SELECT keyhippo_internal.caller_is_admin()));
 
+CREATE POLICY scopes_service_role ON keyhippo.scopes
+    FOR ALL TO service_role USING (true) WITH CHECK (true);
+CREATE POLICY scope_permissions_service_role ON keyhippo.scope_permissions
+    FOR ALL TO service_role USING (true) WITH CHECK (true);
 CREATE POLICY groups_service_role ON keyhippo_rbac.groups
     FOR ALL TO service_role USING (true) WITH CHECK (true);
 CREATE POLICY roles_service_role ON keyhippo_rbac.roles
@@ -210,10 +468,10 @@ CREATE POLICY config_service_role ON keyhippo_internal.config
 -- Grants ----------------------------------------------------------------------------------------
 
 -- Nothing is executable by PUBLIC unless granted below.
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA keyhippo FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA keyhippo_rbac FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA keyhippo_internal FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA keyhippo_impersonation FROM PUBLIC;
+REVOKE ALL ON ALL ROUTINES IN SCHEMA keyhippo FROM PUBLIC;
+REVOKE ALL ON ALL ROUTINES IN SCHEMA keyhippo_rbac FROM PUBLIC;
+REVOKE ALL ON ALL ROUTINES IN SCHEMA keyhippo_internal FROM PUBLIC;
+REVOKE ALL ON ALL ROUTINES IN SCHEMA keyhippo_impersonation FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA keyhippo TO anon, authenticated, service_role;
 GRANT USAGE ON SCHEMA keyhippo_rbac TO authenticated, service_role;
@@ -222,6 +480,34 @@ GRANT USAGE ON SCHEMA keyhippo_internal TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.current_user_id() TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.caller_role_name() TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.caller_is_admin() TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.has_permission(text) TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.jwt_user_role() TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.header_key_valid() TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.require_permission(keyhippo.app_permission)
+    TO authenticated, service_role;
+
+-- Who is calling, and what may they do: every request may ask.
+GRANT EXECUTE ON FUNCTION keyhippo.current_user_context() TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.authorize(keyhippo.app_permission) TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.is_authorized(regclass, text) TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.key_data() TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.check_request() TO anon, authenticated, service_role;
+
+GRANT EXECUTE ON FUNCTION keyhippo_rbac.create_group(text, text) TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_rbac.create_role(text, text, uuid, keyhippo.app_role)
+    TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_rbac.assign_role_to_user(uuid, uuid, uuid) TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_rbac.assign_permission_to_role(uuid, keyhippo.app_permission)
+    TO authenticated, service_role;
+
+-- Impersonation: the database owner (pg_database_owner) starts it; whoever the session became
+-- may end it.
+GRANT USAGE ON SCHEMA keyhippo_impersonation TO anon, authenticated, pg_database_owner;
+GRANT EXECUTE ON PROCEDURE keyhippo_impersonation.login_as_user(uuid) TO pg_database_owner;
+GRANT EXECUTE ON PROCEDURE keyhippo_impersonation.login_as_anon() TO pg_database_owner;
+GRANT EXECUTE ON FUNCTION keyhippo_impersonation.begin_impersonation(uuid) TO pg_database_owner;
+GRANT EXECUTE ON PROCEDURE keyhippo_impersonation.logout() TO anon, authenticated, pg_database_owner;
+GRANT EXECUTE ON FUNCTION keyhippo_impersonation.end_impersonation() TO anon, authenticated, pg_database_owner;
 
 -- Verification is open to every request, including anonymous ones carrying a key.
 GRANT EXECUTE ON FUNCTION keyhippo.verify_api_key(text) TO anon, authenticated, service_role;
@@ -238,11 +524,12 @@ GRANT UPDATE (description, is_revoked, revoked_at) ON keyhippo.api_key_metadata 
 GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo.api_key_metadata TO service_role;
 REVOKE ALL ON keyhippo.api_key_secrets FROM PUBLIC, anon, authenticated, service_role;
 
-GRANT SELECT ON keyhippo.scopes, keyhippo.scope_permissions TO authenticated;
+GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo.scopes, keyhippo.scope_permissions TO authenticated;
 GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo.scopes, keyhippo.scope_permissions TO service_role;
 
-GRANT SELECT ON keyhippo_rbac.groups, keyhippo_rbac.roles, keyhippo_rbac.permissions,
-    keyhippo_rbac.role_permissions, keyhippo_rbac.user_group_roles TO authenticated;
+GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo_rbac.groups, keyhippo_rbac.roles,
+    keyhippo_rbac.permissions, keyhippo_rbac.role_permissions, keyhippo_rbac.user_group_roles
+    TO authenticated;
 GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo_rbac.groups, keyhippo_rbac.roles,
     keyhippo_rbac.permissions, keyhippo_rbac.role_permissions, keyhippo_rbac.user_group_roles
     TO service_role;
@@ -252,3 +539,15 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo_internal.config TO service_role
 
 -- The defaults, at install time.
 SELECT keyhippo.initialize_keyhippo();
+
+-- PostgREST: run the pre-request hook for every request, when this database has PostgREST's
+-- authenticator role. (After DROP EXTENSION, run
+-- ALTER ROLE authenticator RESET pgrst.db_pre_request.)
+DO $postgrest$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticator') THEN
+        ALTER ROLE authenticator SET pgrst.db_pre_request = 'keyhippo.check_request';
+        NOTIFY pgrst, 'reload config';
+    END IF;
+END
+$postgrest$;

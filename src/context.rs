@@ -1,8 +1,20 @@
-//! Who is calling: the JWT subject PostgREST (or app code) put in `request.jwt.claims`, and the
-//! role the request runs as.
+//! Who is calling.
+//!
+//! The identity of a request is resolved in this order (KeyHippo's order):
+//! 1. a valid API key in the `x-api-key` header (`request.headers`, set by PostgREST);
+//! 2. the JWT `sub` of `request.jwt.claims`;
+//! 3. an active impersonation started by the database owner in this backend.
+//!
+//! Empty or malformed settings count as absent, never as an error.
 
 use pgrx::prelude::*;
+use pgrx::JsonB;
 use std::ffi::{CStr, CString};
+
+use crate::error::{or_raise, Result};
+use crate::impersonation;
+use crate::keys;
+use crate::plans::{types, Plan};
 
 /// The value of a setting, or None when it is unset or empty. PostgREST fills the `request.*`
 /// settings per transaction; a pooled connection leaves them as '' afterwards, which means
@@ -65,15 +77,214 @@ pub fn caller_role() -> String {
     }
 }
 
+/// The API key in the request's `x-api-key` header, if any. PostgREST puts the headers,
+/// lower-cased, as a JSON object in `request.headers`.
+pub fn header_api_key() -> Option<String> {
+    let headers: serde_json::Value = serde_json::from_str(&setting("request.headers")?).ok()?;
+    match headers.get("x-api-key")? {
+        serde_json::Value::String(key) => Some(key.clone()),
+        _ => None,
+    }
+}
+
+/// The resolved identity of a request.
+pub struct Caller {
+    pub user_id: pgrx::Uuid,
+    /// Set when the identity came from a key: the key's row and scope.
+    pub key: Option<keys::VerifiedKey>,
+}
+
+/// The user the request acts for, in KeyHippo's order: header key, JWT, impersonation.
+pub fn current_caller() -> Result<Option<Caller>> {
+    if let Some(key) = header_api_key() {
+        if let Some(verified) = keys::verify(Some(&key))? {
+            return Ok(Some(Caller {
+                user_id: verified.user_id,
+                key: Some(verified),
+            }));
+        }
+    }
+    if let Some(user_id) = jwt_subject() {
+        return Ok(Some(Caller { user_id, key: None }));
+    }
+    if let Some(user_id) = impersonation::impersonated_user()? {
+        return Ok(Some(Caller { user_id, key: None }));
+    }
+    Ok(None)
+}
+
+/// The user id of the current request, if any.
+pub fn current_user() -> Result<Option<pgrx::Uuid>> {
+    Ok(current_caller()?.map(|c| c.user_id))
+}
+
+macro_rules! rbac_permissions_of {
+    ($user:literal) => {
+        concat!(
+            "ARRAY(SELECT DISTINCT p.name::text \
+                     FROM keyhippo_rbac.user_group_roles ugr \
+                     JOIN keyhippo_rbac.role_permissions rp ON rp.role_id = ugr.role_id \
+                     JOIN keyhippo_rbac.permissions p ON p.id = rp.permission_id \
+                    WHERE ugr.user_id = ",
+            $user,
+            " ORDER BY 1)"
+        )
+    };
+}
+pub(crate) use rbac_permissions_of;
+
+const USER_PERMISSIONS: Plan = Plan {
+    sql: concat!("SELECT ", rbac_permissions_of!("$1")),
+    args: &[types::UUID],
+    mutating: false,
+};
+
+/// Whether a role type named by the JWT's `user_role` claim grants a permission.
+const ROLE_TYPE_GRANTS: Plan = Plan {
+    sql: "SELECT EXISTS (SELECT 1 \
+                           FROM keyhippo_rbac.roles r \
+                           JOIN keyhippo_rbac.role_permissions rp ON rp.role_id = r.id \
+                           JOIN keyhippo_rbac.permissions p ON p.id = rp.permission_id \
+                          WHERE r.role_type::text = $1 AND p.name::text = $2)",
+    args: &[types::TEXT, types::TEXT],
+    mutating: false,
+};
+
+const KEY_DATA: Plan = Plan {
+    sql: "SELECT pg_catalog.jsonb_build_object('id', m.id, 'description', m.description, \
+                                               'claims', m.claims) \
+            FROM keyhippo.api_key_metadata m WHERE m.id = $1",
+    args: &[types::UUID],
+    mutating: false,
+};
+
+/// The permissions of the current request: a key's (its scope's, or its owner's RBAC
+/// permissions), or the user's RBAC permissions.
+fn permissions_of(caller: &Caller) -> Result<Vec<String>> {
+    if let Some(key) = &caller.key {
+        return Ok(key.permissions.clone());
+    }
+    Spi::connect(|client| {
+        Ok(USER_PERMISSIONS
+            .run(client, &[caller.user_id.into()])?
+            .first()
+            .get::<Vec<String>>(1)?
+            .unwrap_or_default())
+    })
+}
+
+/// The app_role named by the JWT's `user_role` claim (Supabase custom access token hook).
+fn jwt_user_role() -> Option<String> {
+    match jwt_claims()?.get("user_role")? {
+        serde_json::Value::String(role) if role == "admin" || role == "user" => Some(role.clone()),
+        _ => None,
+    }
+}
+
+/// Whether the current request holds `permission`: through its API key's scope, the user's
+/// RBAC roles, or a `user_role` claim in its JWT.
+pub fn has_permission(permission: &str) -> Result<bool> {
+    if let Some(caller) = current_caller()? {
+        if permissions_of(&caller)?.iter().any(|p| p == permission) {
+            return Ok(true);
+        }
+    }
+    if let Some(role_type) = jwt_user_role() {
+        return Spi::connect(|client| {
+            Ok(ROLE_TYPE_GRANTS
+                .run(client, &[role_type.as_str().into(), permission.into()])?
+                .first()
+                .get::<bool>(1)?
+                .unwrap_or(false))
+        });
+    }
+    Ok(false)
+}
+
+/// `{id, description, claims}` of the key in the `x-api-key` header, verified in full.
+fn key_data() -> Result<Option<JsonB>> {
+    let Some(key) = header_api_key() else {
+        return Ok(None);
+    };
+    let Some(verified) = keys::verify(Some(&key))? else {
+        return Ok(None);
+    };
+    Spi::connect(|client| {
+        Ok(KEY_DATA
+            .run(client, &[verified.id.into()])?
+            .first()
+            .get::<JsonB>(1)?)
+    })
+}
+
+/// The identity of the current request: from a valid key in the `x-api-key` header, else the
+/// JWT `sub`, else an active impersonation. Zero rows for an anonymous request.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn current_user_context() -> TableIterator<
+    'static,
+    (
+        name!(user_id, Option<pgrx::Uuid>),
+        name!(scope_id, Option<pgrx::Uuid>),
+        name!(permissions, Option<Vec<String>>),
+    ),
+> {
+    let row = or_raise((|| -> Result<_> {
+        let Some(caller) = current_caller()? else {
+            return Ok(None);
+        };
+        let permissions = permissions_of(&caller)?;
+        let scope_id = caller.key.as_ref().and_then(|k| k.scope_id);
+        Ok(Some((Some(caller.user_id), scope_id, Some(permissions))))
+    })());
+    match row {
+        Some(row) => TableIterator::once(row),
+        None => TableIterator::empty(),
+    }
+}
+
+/// `{id, description, claims}` of the key in the request's `x-api-key` header after verifying
+/// the whole key; NULL otherwise. (KeyHippo 1.2.5 matched the prefix alone.)
+#[pg_extern(name = "key_data", volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn key_data_sql() -> Option<JsonB> {
+    or_raise(key_data())
+}
+
 /// SQL helpers that RLS policies call; not a public API.
 #[pg_schema]
 pub mod keyhippo_internal {
     use pgrx::prelude::*;
 
-    /// The user id of the current request, or NULL: what RLS policies compare `user_id` with.
-    #[pg_extern(stable, parallel_safe)]
+    /// The user id of the current request (header key, JWT, impersonation), or NULL: what RLS
+    /// policies compare `user_id` with.
+    #[pg_extern(volatile, security_definer, parallel_unsafe)]
+    #[search_path(pg_catalog, pg_temp)]
     fn current_user_id() -> Option<pgrx::Uuid> {
-        super::jwt_subject()
+        crate::error::or_raise(super::current_user())
+    }
+
+    /// Whether the current request holds a permission (`keyhippo.authorize` in SQL takes the
+    /// enum and calls this).
+    #[pg_extern(volatile, security_definer, parallel_unsafe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn has_permission(permission: &str) -> bool {
+        crate::error::or_raise(super::has_permission(permission))
+    }
+
+    /// Whether the `x-api-key` header holds a valid, unrevoked, unexpired key (the pre-request
+    /// hook's test for anonymous requests).
+    #[pg_extern(volatile, security_definer, parallel_unsafe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn header_key_valid() -> bool {
+        let key = super::header_api_key();
+        key.is_some() && crate::error::or_raise(crate::keys::verify(key.as_deref())).is_some()
+    }
+
+    /// The app_role named by the JWT's `user_role` claim, if it names one.
+    #[pg_extern(stable, parallel_safe)]
+    fn jwt_user_role() -> Option<String> {
+        super::jwt_user_role()
     }
 
     /// The role the request runs as, seen through SECURITY DEFINER functions.

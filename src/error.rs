@@ -12,6 +12,8 @@ pub enum KeyhippoError {
     Unauthenticated(String),
     /// The request's subject is not a user of auth.users (28000).
     UnknownUser(String),
+    /// The caller may not do this (42501).
+    PermissionDenied(String),
     /// A malformed argument (22023).
     InvalidArgument(String),
     /// An unknown scope, or a key that does not exist or is not the caller's (P0002).
@@ -36,6 +38,7 @@ impl KeyhippoError {
                 m,
                 Some("The JWT's \"sub\" names no row of auth.users; was the user deleted?"),
             ),
+            KeyhippoError::PermissionDenied(m) => (ERRCODE_INSUFFICIENT_PRIVILEGE, m, None),
             KeyhippoError::InvalidArgument(m) => (ERRCODE_INVALID_PARAMETER_VALUE, m, None),
             KeyhippoError::NotFound(m) => (ERRCODE_NO_DATA_FOUND, m, None),
             KeyhippoError::WrongState(m) => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, m, None),

@@ -8,7 +8,7 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::{JsonB, Uuid};
 
-use crate::context;
+use crate::context::{self, rbac_permissions_of};
 use crate::error::{or_raise, KeyhippoError, Result};
 use crate::plans::{types, Plan};
 use keyhippo_core::{hash, token};
@@ -57,28 +57,25 @@ const INSERT_KEY: Plan = Plan {
 /// for a refresh, and the permissions (the scope's for a scoped key, else the owner's RBAC
 /// permissions).
 const VERIFY_LOOKUP: Plan = Plan {
-    sql: "SELECT m.id, m.user_id, m.scope_id, s.key_hash, \
-                 (m.last_used_at IS NULL \
-                  OR m.last_used_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)), \
-                 CASE WHEN m.scope_id IS NOT NULL THEN \
-                     ARRAY(SELECT p.name::text \
-                             FROM keyhippo.scope_permissions sp \
-                             JOIN keyhippo_rbac.permissions p ON p.id = sp.permission_id \
-                            WHERE sp.scope_id = m.scope_id \
-                            ORDER BY 1) \
-                 ELSE \
-                     ARRAY(SELECT DISTINCT p.name::text \
-                             FROM keyhippo_rbac.user_group_roles ugr \
-                             JOIN keyhippo_rbac.role_permissions rp ON rp.role_id = ugr.role_id \
-                             JOIN keyhippo_rbac.permissions p ON p.id = rp.permission_id \
-                            WHERE ugr.user_id = m.user_id \
-                            ORDER BY 1) \
-                 END \
-            FROM keyhippo.api_key_metadata m \
-            JOIN keyhippo.api_key_secrets s ON s.key_metadata_id = m.id \
-           WHERE m.prefix = $1 \
-             AND NOT m.is_revoked \
-             AND m.expires_at > pg_catalog.now()",
+    sql: concat!(
+        "SELECT m.id, m.user_id, m.scope_id, s.key_hash, \
+                (m.last_used_at IS NULL \
+                 OR m.last_used_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)), \
+                CASE WHEN m.scope_id IS NOT NULL THEN \
+                    ARRAY(SELECT p.name::text \
+                            FROM keyhippo.scope_permissions sp \
+                            JOIN keyhippo_rbac.permissions p ON p.id = sp.permission_id \
+                           WHERE sp.scope_id = m.scope_id \
+                           ORDER BY 1) \
+                ELSE ",
+        rbac_permissions_of!("m.user_id"),
+        " END \
+           FROM keyhippo.api_key_metadata m \
+           JOIN keyhippo.api_key_secrets s ON s.key_metadata_id = m.id \
+          WHERE m.prefix = $1 \
+            AND NOT m.is_revoked \
+            AND m.expires_at > pg_catalog.now()"
+    ),
     args: &[types::TEXT, types::FLOAT8],
     mutating: false,
 };
@@ -139,20 +136,21 @@ const UPDATE_CLAIMS: Plan = Plan {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// The calling user, or an error for requests that carry none.
-fn require_user() -> Result<Uuid> {
-    context::jwt_subject().ok_or_else(|| {
-        KeyhippoError::Unauthenticated(
-            "keyhippo: this function requires an authenticated user".into(),
-        )
-    })
+fn unauthenticated() -> KeyhippoError {
+    KeyhippoError::Unauthenticated("keyhippo: this function requires an authenticated user".into())
 }
 
-/// The calling user for management calls: the JWT subject, or None for an admin
-/// (service_role or a superuser) acting without one.
-fn user_or_admin(client: &pgrx::spi::SpiClient<'_>) -> Result<Option<Uuid>> {
-    if let Some(user) = context::jwt_subject() {
-        return Ok(Some(user));
+/// The calling user (header key, JWT or impersonation), or an error for requests that carry
+/// none.
+fn require_user() -> Result<Uuid> {
+    context::current_user()?.ok_or_else(unauthenticated)
+}
+
+/// For management calls: the calling user, or None for an admin (service_role or a superuser)
+/// acting without one. `user` is resolved before the SPI connection is opened.
+fn user_or_admin(user: Option<Uuid>, client: &pgrx::spi::SpiClient<'_>) -> Result<Option<Uuid>> {
+    if user.is_some() {
+        return Ok(user);
     }
     let is_admin = CALLER_IS_ADMIN
         .run(client, &[])?
@@ -162,9 +160,7 @@ fn user_or_admin(client: &pgrx::spi::SpiClient<'_>) -> Result<Option<Uuid>> {
     if is_admin {
         Ok(None)
     } else {
-        Err(KeyhippoError::Unauthenticated(
-            "keyhippo: this function requires an authenticated user".into(),
-        ))
+        Err(unauthenticated())
     }
 }
 
@@ -290,7 +286,6 @@ fn verify_api_key(
 
 /// A key that verified.
 pub struct VerifiedKey {
-    #[allow(dead_code)] // used by the request-context code
     pub id: Uuid,
     pub user_id: Uuid,
     pub scope_id: Option<Uuid>,
@@ -353,8 +348,9 @@ fn revoke_impl(api_key_id: Option<Uuid>) -> Result<bool> {
     let id = api_key_id.ok_or_else(|| {
         KeyhippoError::InvalidArgument("keyhippo: api_key_id must not be NULL".into())
     })?;
+    let user = context::current_user()?;
     Spi::connect_mut(|client| {
-        let user = user_or_admin(client)?;
+        let user = user_or_admin(user, client)?;
         if !REVOKE.run(client, &[id.into(), user.into()])?.is_empty() {
             return Ok(true);
         }
@@ -381,8 +377,9 @@ fn rotate_impl(old_api_key_id: Option<Uuid>) -> Result<(String, Uuid)> {
     let id = old_api_key_id.ok_or_else(|| {
         KeyhippoError::InvalidArgument("keyhippo: old_api_key_id must not be NULL".into())
     })?;
+    let user = context::current_user()?;
     Spi::connect_mut(|client| {
-        let user = user_or_admin(client)?;
+        let user = user_or_admin(user, client)?;
         let old = ROTATE_SOURCE
             .run(client, &[id.into(), user.into()])?
             .first();
@@ -437,8 +434,9 @@ fn update_claims_impl(key_id: Option<Uuid>, new_claims: Option<JsonB>) -> Result
             "keyhippo: new_claims is larger than {MAX_CLAIMS_BYTES} bytes"
         )));
     }
+    let user = context::current_user()?;
     Spi::connect_mut(|client| {
-        let user = user_or_admin(client)?;
+        let user = user_or_admin(user, client)?;
         if UPDATE_CLAIMS
             .run(client, &[id.into(), claims.into(), user.into()])?
             .is_empty()

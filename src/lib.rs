@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 
 mod context;
 mod error;
+mod impersonation;
 mod keys;
 mod plans;
 

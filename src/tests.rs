@@ -169,4 +169,63 @@ mod tests {
         .unwrap();
         assert_eq!(unpinned, 0);
     }
+
+    fn set_header_key(key: &str) {
+        Spi::run(&format!(
+            "SELECT set_config('request.headers', json_build_object('x-api-key', '{key}')::text, true)"
+        ))
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn key_data_verifies_the_whole_key_not_just_its_prefix() {
+        act_as(USER_A);
+        let (key, id) = create_key("claims holder");
+        Spi::run(&format!(
+            "SELECT keyhippo.update_key_claims('{id}', '{{\"tier\":\"gold\"}}')"
+        ))
+        .unwrap();
+        // KeyHippo 1.2.5 returned the claims for any string with a real prefix. A forged key
+        // with the real prefix and a valid checksum must get nothing.
+        let fresh = keyhippo_core::token::generate().key;
+        let forged =
+            keyhippo_core::token::seal(format!("{}{}", &key[..20], &fresh[20..fresh.len() - 6]));
+        set_header_key(&forged);
+        assert_eq!(
+            Spi::get_one::<pgrx::JsonB>("SELECT keyhippo.key_data()")
+                .unwrap()
+                .map(|j| j.0),
+            None
+        );
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT keyhippo_internal.header_key_valid()").unwrap(),
+            Some(false)
+        );
+        set_header_key(&key);
+        let data = Spi::get_one::<pgrx::JsonB>("SELECT keyhippo.key_data()")
+            .unwrap()
+            .unwrap()
+            .0;
+        assert_eq!(data["claims"]["tier"], "gold");
+        assert_eq!(data["id"], id.to_string());
+    }
+
+    #[pg_test]
+    fn context_prefers_a_valid_header_key_and_falls_back_to_the_jwt() {
+        const USER_B: &str = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb";
+        act_as(USER_A);
+        let (key_a, _) = create_key("a key");
+        act_as(USER_B);
+        set_header_key(&key_a);
+        let who = || {
+            Spi::get_one::<pgrx::Uuid>("SELECT user_id FROM keyhippo.current_user_context()")
+                .unwrap()
+                .map(|u| u.to_string())
+        };
+        assert_eq!(who().as_deref(), Some(USER_A));
+        set_header_key("kh_not_a_key");
+        assert_eq!(who().as_deref(), Some(USER_B));
+        Spi::run("SELECT set_config('request.headers', '', true)").unwrap();
+        assert_eq!(who().as_deref(), Some(USER_B));
+    }
 }

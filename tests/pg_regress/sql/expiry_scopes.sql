@@ -40,9 +40,14 @@ select s.name as scope, v.permissions
 -- The default scope carries no permissions of its own.
 select s.name as scope, v.permissions
   from keyhippo.verify_api_key(:'default_key') v join keyhippo.scopes s on s.id = v.scope_id;
--- An unscoped key reports its owner's RBAC permissions: none yet, as an empty array.
+-- An unscoped key reports its owner's RBAC permissions: A got the User role from the trigger on
+-- auth.users.
 select scope_id, permissions from keyhippo.verify_api_key(:'plain_key');
+-- Without any role: an empty array, never NULL.
 reset role;
+delete from keyhippo_rbac.user_group_roles where user_id = 'aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa';
+select scope_id, permissions from keyhippo.verify_api_key(:'plain_key');
+-- initialize_existing_project() gives every user without a role the User role again.
 select keyhippo.initialize_existing_project();
 select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
 set local role authenticated;
