@@ -3,7 +3,8 @@
 \set ON_ERROR_STOP 0
 \set U '{"sub":"dddddddd-dddd-4ddd-8ddd-dddddddddddd","role":"authenticated"}'
 select to_regclass('auth.users') is null as no_auth_users;
-select rolname from pg_roles where rolname in ('anon', 'authenticated', 'service_role') order by 1;
+-- Created by CREATE EXTENSION (this database was set up before any other on its cluster).
+select rolname, rolcanlogin from pg_roles where rolname in ('anon', 'authenticated', 'service_role') order by 1;
 select conname from pg_constraint where conrelid = 'keyhippo.api_key_metadata'::regclass and contype = 'f' order by 1;
 
 begin;
