@@ -91,6 +91,7 @@ $$;
 CREATE FUNCTION keyhippo_rbac.create_group(p_name text, p_description text) RETURNS uuid
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET keyhippo_audit.function_name = 'create_group'
 AS $$
 DECLARE
     v_id uuid;
@@ -114,6 +115,7 @@ CREATE FUNCTION keyhippo_rbac.create_role(p_name text, p_description text, p_gro
 RETURNS uuid
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET keyhippo_audit.function_name = 'create_role'
 AS $$
 DECLARE
     v_id uuid;
@@ -145,6 +147,7 @@ CREATE FUNCTION keyhippo_rbac.assign_role_to_user(p_user_id uuid, p_group_id uui
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET keyhippo_audit.function_name = 'assign_role_to_user'
 AS $$
 DECLARE
     v_role_type keyhippo.app_role;
@@ -174,6 +177,7 @@ CREATE FUNCTION keyhippo_rbac.assign_permission_to_role(p_role_id uuid,
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET keyhippo_audit.function_name = 'assign_permission_to_role'
 AS $$
 DECLARE
     v_permission_id uuid;
@@ -300,6 +304,7 @@ CREATE TRIGGER keyhippo_delete_revoked_secret
 CREATE FUNCTION keyhippo.initialize_keyhippo() RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET keyhippo_audit.function_name = 'initialize_keyhippo'
 AS $$
 DECLARE
     admin_group_id uuid;
@@ -344,7 +349,11 @@ BEGIN
     VALUES ('enable_key_expiry_notifications', 'true',
             'Write an expiring_key audit row and send a notification when a key nears expiry'),
            ('key_expiry_notification_hours', '72',
-            'How many hours before expiry a key counts as expiring')
+            'How many hours before expiry a key counts as expiring'),
+           ('audit_log_retention_days', '90',
+            'keyhippo.purge_audit_log() deletes audit rows older than this; 0 keeps everything'),
+           ('enable_http_logging', 'false',
+            'Deliver audit events to audit_log_endpoint through pg_net (see enable_audit_log_notify)')
     ON CONFLICT (key) DO NOTHING;
 END
 $$;
@@ -354,6 +363,7 @@ $$;
 CREATE FUNCTION keyhippo.initialize_existing_project() RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET keyhippo_audit.function_name = 'initialize_existing_project'
 AS $$
 BEGIN
     PERFORM keyhippo.initialize_keyhippo();
@@ -462,6 +472,8 @@ CREATE POLICY user_group_roles_service_role ON keyhippo_rbac.user_group_roles
 
 CREATE POLICY audit_log_service_role ON keyhippo.audit_log
     FOR SELECT TO service_role USING (true);
+CREATE POLICY audit_log_admin ON keyhippo.audit_log
+    FOR SELECT TO authenticated USING ((SELECT keyhippo_internal.caller_is_admin()));
 CREATE POLICY config_service_role ON keyhippo_internal.config
     FOR ALL TO service_role USING (true) WITH CHECK (true);
 
@@ -534,11 +546,29 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo_rbac.groups, keyhippo_rbac.role
     keyhippo_rbac.permissions, keyhippo_rbac.role_permissions, keyhippo_rbac.user_group_roles
     TO service_role;
 
-GRANT SELECT ON keyhippo.audit_log TO service_role;
+GRANT SELECT ON keyhippo.audit_log TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.update_expiring_keys() TO service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.purge_audit_log() TO service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.enable_audit_log_notify() TO service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.disable_audit_log_notify() TO service_role;
+-- The audit trigger runs keyhippo_internal.calling_function() as the definer; nobody else needs it.
 GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo_internal.config TO service_role;
 
 -- The defaults, at install time.
 SELECT keyhippo.initialize_keyhippo();
+
+-- pg_cron, when installed: report expiring keys hourly and purge old audit rows daily. Without
+-- pg_cron, call both from any scheduler (see README).
+DO $cron$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_cron') THEN
+        EXECUTE $q$SELECT cron.schedule('keyhippo_update_expiring_keys', '0 * * * *',
+                                        'SELECT keyhippo.update_expiring_keys()')$q$;
+        EXECUTE $q$SELECT cron.schedule('keyhippo_purge_audit_log', '17 3 * * *',
+                                        'SELECT keyhippo.purge_audit_log()')$q$;
+    END IF;
+END
+$cron$;
 
 -- PostgREST: run the pre-request hook for every request, when this database has PostgREST's
 -- authenticator role. (After DROP EXTENSION, run

@@ -8,6 +8,7 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::{JsonB, Uuid};
 
+use crate::audit::function_scope;
 use crate::context::{self, rbac_permissions_of};
 use crate::error::{or_raise, KeyhippoError, Result};
 use crate::plans::{types, Plan};
@@ -233,6 +234,7 @@ fn create_api_key(
     key_description: Option<&str>,
     scope_name: default!(Option<&str>, "NULL"),
 ) -> TableIterator<'static, (name!(api_key, String), name!(api_key_id, Uuid))> {
+    let _audit = function_scope("create_api_key");
     let row = or_raise(create_api_key_impl(key_description, scope_name));
     TableIterator::once(row)
 }
@@ -341,6 +343,7 @@ fn can_write() -> bool {
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn revoke_api_key(api_key_id: Option<Uuid>) -> bool {
+    let _audit = function_scope("revoke_api_key");
     or_raise(revoke_impl(api_key_id))
 }
 
@@ -370,6 +373,7 @@ fn revoke_impl(api_key_id: Option<Uuid>) -> Result<bool> {
 fn rotate_api_key(
     old_api_key_id: Option<Uuid>,
 ) -> TableIterator<'static, (name!(new_api_key, String), name!(new_api_key_id, Uuid))> {
+    let _audit = function_scope("rotate_api_key");
     TableIterator::once(or_raise(rotate_impl(old_api_key_id)))
 }
 
@@ -414,6 +418,7 @@ fn rotate_impl(old_api_key_id: Option<Uuid>) -> Result<(String, Uuid)> {
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn update_key_claims(key_id: Option<Uuid>, new_claims: Option<JsonB>) {
+    let _audit = function_scope("update_key_claims");
     or_raise(update_claims_impl(key_id, new_claims))
 }
 

@@ -1,13 +1,15 @@
 //! keyhippo: API keys issued, verified, rotated and revoked inside PostgreSQL.
 //!
 //! This file only wires modules together and orders the hand-written SQL around the functions
-//! pgrx generates: `sql/bootstrap.sql` (schemas, types, tables) first, the Rust functions, then
-//! `sql/finalize.sql` (SQL helpers, triggers, RLS, grants, defaults).
+//! pgrx generates: `sql/bootstrap.sql` (schemas, types, tables) first, the Rust functions,
+//! `sql/audit.sql` (audit trail, expiry notifications, webhook), then `sql/finalize.sql` (SQL
+//! helpers, triggers, RLS, grants, defaults).
 
 use pgrx::prelude::*;
 
 ::pgrx::pg_module_magic!(name, version);
 
+mod audit;
 mod context;
 mod error;
 mod impersonation;
@@ -15,6 +17,15 @@ mod keys;
 mod plans;
 
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!(
+    "../sql/audit.sql",
+    name = "audit",
+    requires = [
+        "bootstrap",
+        context::keyhippo_internal::current_user_id,
+        audit::keyhippo_internal::calling_function,
+    ]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]

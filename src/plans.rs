@@ -10,11 +10,13 @@ use pgrx::pg_sys::PgOid;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use crate::error::Result;
 
 thread_local! {
-    static PLANS: RefCell<HashMap<&'static str, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> =
+        RefCell::new(HashMap::new());
 }
 
 /// A statement and the types of its parameters.
@@ -32,19 +34,23 @@ impl Plan {
         client: &SpiClient<'conn>,
         args: &[DatumWithOid<'_>],
     ) -> Result<SpiTupleTable<'conn>> {
-        PLANS.with(|plans| {
-            let mut plans = plans.borrow_mut();
-            if !plans.contains_key(self.sql) {
+        // The map is borrowed only to find or insert the plan, never while it runs: running a
+        // statement can fire triggers that call back into keyhippo and run other plans.
+        let cached = PLANS.with(|plans| plans.borrow().get(self.sql).cloned());
+        let stmt = match cached {
+            Some(stmt) => stmt,
+            None => {
                 let prepared = if self.mutating {
                     client.prepare_mut(self.sql, self.args)?
                 } else {
                     client.prepare(self.sql, self.args)?
                 };
-                plans.insert(self.sql, prepared.keep());
+                let stmt = Rc::new(prepared.keep());
+                PLANS.with(|plans| plans.borrow_mut().insert(self.sql, Rc::clone(&stmt)));
+                stmt
             }
-            let stmt = plans.get(self.sql).expect("inserted above");
-            Ok(client.select(stmt, None, args)?)
-        })
+        };
+        Ok(client.select(&*stmt, None, args)?)
     }
 }
 

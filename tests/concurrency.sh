@@ -77,5 +77,22 @@ check "pgbench verify under churn: no failed transactions" 0 \
 check "pgbench verify under churn: transactions ran" yes \
     "$(grep -qE '^number of transactions actually processed: [1-9]' "$WORK/pgbench.log" && echo yes || echo no)"
 
+# 5. The expiry notification reaches a listener on another connection at commit, not before.
+read -r key id <<<"$(new_key expiring)"
+q -c "LISTEN keyhippo_key_expiring" -c "SELECT pg_sleep(1)" -c "SELECT 'marker: before commit'" \
+  -c "SELECT pg_sleep(2)" -c "SELECT 'marker: after commit'" >"$WORK/listener" 2>&1 &
+sleep 0.3
+q -c "BEGIN" -c "UPDATE keyhippo.api_key_metadata SET expires_at = now() + interval '1 hour' WHERE id = '$id'" \
+  -c "SELECT pg_sleep(1.5)" -c "COMMIT" >/dev/null
+wait
+note_line=$(grep -n 'Asynchronous notification "keyhippo_key_expiring"' "$WORK/listener" | head -1 | cut -d: -f1)
+before_line=$(grep -n 'marker: before commit' "$WORK/listener" | cut -d: -f1)
+check "LISTEN: expiry notification received" yes "$([ -n "$note_line" ] && echo yes || echo no)"
+check "LISTEN: not delivered before commit" yes \
+    "$([ -n "$note_line" ] && [ -n "$before_line" ] && [ "$note_line" -gt "$before_line" ] && echo yes || echo no)"
+check "LISTEN: payload names the key" yes "$(grep -q "\"id\": \"$id\"" "$WORK/listener" && echo yes || echo no)"
+check "LISTEN: payload carries no key material" no \
+    "$(grep -q "${key:20:43}" "$WORK/listener" && echo yes || echo no)"
+
 echo "concurrency: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
