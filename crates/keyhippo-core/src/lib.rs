@@ -3,5 +3,6 @@
 //! `cargo test` in milliseconds.
 
 pub mod hash;
+pub mod jwt;
 pub mod token;
 pub mod uuid;
