@@ -74,11 +74,15 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF keyhippo_internal.caller_role_name() IS DISTINCT FROM 'anon' THEN
-        RETURN;
-    END IF;
-    IF keyhippo_internal.header_key_valid() THEN
-        RETURN;
+    -- A JWT API key (type = 'api_key') PostgREST accepted by its signature still needs a live
+    -- jti: known, unrevoked, unexpired.
+    IF keyhippo_internal.jwt_api_key_active() THEN
+        IF keyhippo_internal.caller_role_name() IS DISTINCT FROM 'anon' THEN
+            RETURN;
+        END IF;
+        IF keyhippo_internal.header_key_valid() THEN
+            RETURN;
+        END IF;
     END IF;
     RAISE SQLSTATE 'PGRST' USING
         MESSAGE = '{"code":"KH401","message":"invalid or missing API key","details":null,"hint":"Send a valid API key in the x-api-key header."}',
@@ -222,6 +226,84 @@ BEGIN
     END IF;
 END
 $auth_trigger$;
+
+-- JWT keys: the table-shaped interface of seed 000 ------------------------------------------------
+
+-- One row per JWT key the caller may see (RLS of api_key_metadata applies: security_invoker).
+-- token is NULL except in the RETURNING of the INSERT that minted it.
+CREATE VIEW keyhippo.jwt_api_keys WITH (security_invoker = true, security_barrier = true) AS
+SELECT m.id, m.id AS jti, m.user_id, m.description, m.created_at, m.expires_at, m.revoked_at,
+       NULL::text AS token
+  FROM keyhippo.api_key_metadata m
+ WHERE m.prefix LIKE 'jwt\_%';
+
+-- INSERT mints a token (description, and expires_at or one year); user_id may be omitted.
+CREATE FUNCTION keyhippo_internal.jwt_api_keys_insert() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_token text;
+    v_id uuid;
+BEGIN
+    IF NEW.user_id IS NOT NULL AND NEW.user_id IS DISTINCT FROM keyhippo_internal.current_user_id() THEN
+        RAISE EXCEPTION 'keyhippo: an API key can only be created for yourself'
+            USING ERRCODE = '42501';
+    END IF;
+    SELECT k.api_key, k.api_key_id INTO v_token, v_id
+      FROM keyhippo.create_jwt_api_key(COALESCE(NEW.description, ''),
+                                       COALESCE(NEW.expires_at - pg_catalog.now(), interval '1 year')) k;
+    SELECT m.id, m.id, m.user_id, m.description, m.created_at, m.expires_at, m.revoked_at, v_token
+      INTO NEW.id, NEW.jti, NEW.user_id, NEW.description, NEW.created_at, NEW.expires_at,
+           NEW.revoked_at, NEW.token
+      FROM keyhippo.api_key_metadata m WHERE m.id = v_id;
+    RETURN NEW;
+END
+$$;
+
+-- UPDATE may rename a key or revoke it (SET revoked_at = now()); nothing else.
+CREATE FUNCTION keyhippo_internal.jwt_api_keys_update() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NEW.id IS DISTINCT FROM OLD.id OR NEW.jti IS DISTINCT FROM OLD.jti
+       OR NEW.user_id IS DISTINCT FROM OLD.user_id OR NEW.created_at IS DISTINCT FROM OLD.created_at
+       OR NEW.expires_at IS DISTINCT FROM OLD.expires_at OR NEW.token IS NOT NULL THEN
+        RAISE EXCEPTION 'keyhippo: only description and revoked_at of a JWT API key can be changed'
+            USING ERRCODE = '42501';
+    END IF;
+    IF OLD.revoked_at IS NOT NULL AND NEW.revoked_at IS DISTINCT FROM OLD.revoked_at THEN
+        RAISE EXCEPTION 'keyhippo: a revoked API key cannot be restored' USING ERRCODE = '55000';
+    END IF;
+    IF NEW.description IS DISTINCT FROM OLD.description THEN
+        UPDATE keyhippo.api_key_metadata SET description = NEW.description WHERE id = OLD.id;
+    END IF;
+    IF OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL THEN
+        PERFORM keyhippo.revoke_api_key(OLD.id);
+    END IF;
+    SELECT m.description, m.revoked_at INTO NEW.description, NEW.revoked_at
+      FROM keyhippo.api_key_metadata m WHERE m.id = OLD.id;
+    RETURN NEW;
+END
+$$;
+
+CREATE FUNCTION keyhippo_internal.jwt_api_keys_delete() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM keyhippo.api_key_metadata WHERE id = OLD.id;
+    RETURN OLD;
+END
+$$;
+
+CREATE TRIGGER jwt_api_keys_insert INSTEAD OF INSERT ON keyhippo.jwt_api_keys
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.jwt_api_keys_insert();
+CREATE TRIGGER jwt_api_keys_update INSTEAD OF UPDATE ON keyhippo.jwt_api_keys
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.jwt_api_keys_update();
+CREATE TRIGGER jwt_api_keys_delete INSTEAD OF DELETE ON keyhippo.jwt_api_keys
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.jwt_api_keys_delete();
 
 -- Impersonation (database owner only) ------------------------------------------------------------
 
@@ -524,6 +606,9 @@ GRANT EXECUTE ON FUNCTION keyhippo_impersonation.end_impersonation() TO anon, au
 -- Verification is open to every request, including anonymous ones carrying a key.
 GRANT EXECUTE ON FUNCTION keyhippo.verify_api_key(text) TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.create_api_key(text, text) TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.create_jwt_api_key(text, interval, text) TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.jwt_api_key_active() TO anon, authenticated, service_role;
+GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo.jwt_api_keys TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.revoke_api_key(uuid) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.rotate_api_key(uuid) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.update_key_claims(uuid, jsonb) TO authenticated, service_role;

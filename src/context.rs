@@ -104,8 +104,13 @@ pub fn current_caller() -> Result<Option<Caller>> {
             }));
         }
     }
+    // A JWT that is an API key counts only while its jti is live (revocation takes effect even
+    // where the pre-request hook is not installed).
     if let Some(user_id) = jwt_subject() {
-        return Ok(Some(Caller { user_id, key: None }));
+        if crate::jwt_keys::claims_key_active()? {
+            return Ok(Some(Caller { user_id, key: None }));
+        }
+        return Ok(None);
     }
     if let Some(user_id) = impersonation::impersonated_user()? {
         return Ok(Some(Caller { user_id, key: None }));

@@ -118,7 +118,7 @@ const KEY_VISIBLE: Plan = Plan {
 
 const ROTATE_SOURCE: Plan = Plan {
     sql: "SELECT m.user_id, m.scope_id, m.description, m.claims, m.is_revoked, \
-                 pg_catalog.now() + (m.expires_at - m.created_at) \
+                 pg_catalog.now() + (m.expires_at - m.created_at), m.prefix \
             FROM keyhippo.api_key_metadata m \
            WHERE m.id = $1 AND (m.user_id = $2 OR keyhippo_internal.caller_is_admin()) \
              FOR UPDATE",
@@ -143,7 +143,7 @@ fn unauthenticated() -> KeyhippoError {
 
 /// The calling user (header key, JWT or impersonation), or an error for requests that carry
 /// none.
-fn require_user() -> Result<Uuid> {
+pub(crate) fn require_user() -> Result<Uuid> {
     context::current_user()?.ok_or_else(unauthenticated)
 }
 
@@ -165,7 +165,7 @@ fn user_or_admin(user: Option<Uuid>, client: &pgrx::spi::SpiClient<'_>) -> Resul
     }
 }
 
-fn validate_description(description: Option<&str>) -> Result<&str> {
+pub(crate) fn validate_description(description: Option<&str>) -> Result<&str> {
     let d = description.ok_or_else(|| {
         KeyhippoError::InvalidArgument("keyhippo: key_description must not be NULL".into())
     })?;
@@ -246,23 +246,34 @@ fn create_api_key_impl(
     let user = require_user()?;
     let description = validate_description(description)?;
     Spi::connect_mut(|client| {
-        let check = CREATE_PRECHECK
-            .run(client, &[user.into(), scope_name.into()])?
-            .first();
-        if !check.get::<bool>(1)?.unwrap_or(false) {
-            return Err(KeyhippoError::UnknownUser(
-                "keyhippo: the authenticated user does not exist in auth.users".into(),
-            ));
-        }
-        let scope_id = check.get::<Uuid>(2)?;
-        if let (Some(name), None) = (scope_name, scope_id) {
-            return Err(KeyhippoError::NotFound(format!(
-                "keyhippo: scope \"{}\" does not exist",
-                name.escape_default()
-            )));
-        }
+        let scope_id = check_owner_and_scope(client, user, scope_name)?;
         insert_key(client, user, scope_id, Some(description), None, None)
     })
+}
+
+/// Checks that a new key's owner exists (in auth.users, when there is one) and resolves the
+/// scope name; an unknown scope is an error.
+pub(crate) fn check_owner_and_scope(
+    client: &pgrx::spi::SpiClient<'_>,
+    user: Uuid,
+    scope_name: Option<&str>,
+) -> Result<Option<Uuid>> {
+    let check = CREATE_PRECHECK
+        .run(client, &[user.into(), scope_name.into()])?
+        .first();
+    if !check.get::<bool>(1)?.unwrap_or(false) {
+        return Err(KeyhippoError::UnknownUser(
+            "keyhippo: the authenticated user does not exist in auth.users".into(),
+        ));
+    }
+    let scope_id = check.get::<Uuid>(2)?;
+    if let (Some(name), None) = (scope_name, scope_id) {
+        return Err(KeyhippoError::NotFound(format!(
+            "keyhippo: scope \"{}\" does not exist",
+            name.escape_default()
+        )));
+    }
+    Ok(scope_id)
 }
 
 /// Verifies a key. One row (owner, scope, permissions) for a valid, unrevoked, unexpired key;
@@ -300,14 +311,20 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
     let Some(api_key) = api_key else {
         return Ok(None);
     };
-    let Ok(parsed) = token::parse(api_key) else {
-        return Ok(None);
+    // Opaque keys carry their lookup prefix; JWT keys are checked (signature, alg, type, exp)
+    // and found by their jti. Anything else is rejected without touching a table.
+    let prefix = match token::parse(api_key) {
+        Ok(parsed) => parsed.prefix.to_string(),
+        Err(_) => match crate::jwt_keys::lookup_prefix(api_key) {
+            Some(prefix) => prefix,
+            None => return Ok(None),
+        },
     };
     Spi::connect_mut(|client| {
         let row = VERIFY_LOOKUP
             .run(
                 client,
-                &[parsed.prefix.into(), LAST_USED_INTERVAL_SECS.into()],
+                &[prefix.as_str().into(), LAST_USED_INTERVAL_SECS.into()],
             )?
             .first();
         if row.is_empty() {
@@ -401,7 +418,15 @@ fn rotate_impl(old_api_key_id: Option<Uuid>) -> Result<(String, Uuid)> {
         let description = old.get::<String>(3)?;
         let claims = old.get::<JsonB>(4)?;
         let expires_at = old.get::<TimestampWithTimeZone>(6)?;
-        let created = insert_key(
+        let is_jwt = old
+            .get::<String>(7)?
+            .is_some_and(|p| p.starts_with(crate::jwt_keys::PREFIX));
+        let mint = if is_jwt {
+            crate::jwt_keys::insert_jwt_key
+        } else {
+            insert_key
+        };
+        let created = mint(
             client,
             owner,
             scope_id,

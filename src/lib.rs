@@ -13,6 +13,7 @@ mod audit;
 mod context;
 mod error;
 mod impersonation;
+mod jwt_keys;
 mod keys;
 mod plans;
 

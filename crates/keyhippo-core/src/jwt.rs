@@ -68,13 +68,19 @@ pub fn sign(claims: &Map<String, Value>, secret: &[u8]) -> Result<String, JwtErr
     if secret.len() < MIN_SECRET_LEN {
         return Err(JwtError::WeakSecret);
     }
-    Ok(sign_raw(HEADER, &Value::Object(claims.clone()).to_string(), secret))
+    Ok(sign_raw(
+        HEADER,
+        &Value::Object(claims.clone()).to_string(),
+        secret,
+    ))
 }
 
 /// Whether `s` has the outward shape of a compact JWT (three dot-separated segments), so that a
 /// caller can tell it from an opaque key without trying both.
 pub fn looks_like_jwt(s: &str) -> bool {
-    s.len() <= MAX_TOKEN_LEN && s.starts_with("eyJ") && s.bytes().filter(|&b| b == b'.').count() == 2
+    s.len() <= MAX_TOKEN_LEN
+        && s.starts_with("eyJ")
+        && s.bytes().filter(|&b| b == b'.').count() == 2
 }
 
 /// Checks an HS256 token and returns its claims. Does not look at `exp` or any claim: the
@@ -92,18 +98,24 @@ pub fn verify(token: &str, secret: &[u8]) -> Result<Map<String, Value>, JwtError
     else {
         return Err(JwtError::Malformed);
     };
-    let header_json = URL_SAFE_NO_PAD.decode(header).map_err(|_| JwtError::Malformed)?;
+    let header_json = URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| JwtError::Malformed)?;
     match serde_json::from_slice::<Value>(&header_json) {
         Ok(Value::Object(h)) if h.get("alg") == Some(&Value::String("HS256".into())) => {}
         _ => return Err(JwtError::Algorithm),
     }
-    let given = URL_SAFE_NO_PAD.decode(signature).map_err(|_| JwtError::Malformed)?;
+    let given = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| JwtError::Malformed)?;
     let signing_input = &token[..header.len() + 1 + payload.len()];
     let expected = hmac_sha256(secret, signing_input.as_bytes());
     if !constant_time_eq(&expected, &given) {
         return Err(JwtError::Signature);
     }
-    let payload_json = URL_SAFE_NO_PAD.decode(payload).map_err(|_| JwtError::Malformed)?;
+    let payload_json = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| JwtError::Malformed)?;
     match serde_json::from_slice::<Value>(&payload_json) {
         Ok(Value::Object(claims)) => Ok(claims),
         _ => Err(JwtError::Payload),
@@ -135,7 +147,10 @@ mod tests {
         );
         // Test case 6: a key longer than the block size.
         assert_eq!(
-            hex(&hmac_sha256(&[0xaa; 131], b"Test Using Larger Than Block-Size Key - Hash Key First")),
+            hex(&hmac_sha256(
+                &[0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )),
             "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
         );
     }
@@ -178,7 +193,10 @@ mod tests {
     #[test]
     fn another_secret_is_refused() {
         let token = sign(&claims(), SECRET).unwrap();
-        assert_eq!(verify(&token, b"another-secret-another-secret-xx!"), Err(JwtError::Signature));
+        assert_eq!(
+            verify(&token, b"another-secret-another-secret-xx!"),
+            Err(JwtError::Signature)
+        );
     }
 
     #[test]
@@ -194,11 +212,21 @@ mod tests {
     fn alg_none_and_other_algorithms_are_refused() {
         let token = sign(&claims(), SECRET).unwrap();
         let parts: Vec<&str> = token.split('.').collect();
-        for header in [r#"{"alg":"none","typ":"JWT"}"#, r#"{"alg":"HS512"}"#, r#"{"typ":"JWT"}"#, "[]", "x"] {
+        for header in [
+            r#"{"alg":"none","typ":"JWT"}"#,
+            r#"{"alg":"HS512"}"#,
+            r#"{"typ":"JWT"}"#,
+            "[]",
+            "x",
+        ] {
             let h = URL_SAFE_NO_PAD.encode(header);
             for sig in ["", parts[2]] {
                 let forged = format!("{h}.{}.{sig}", parts[1]);
-                assert_eq!(verify(&forged, SECRET), Err(JwtError::Algorithm), "{header}");
+                assert_eq!(
+                    verify(&forged, SECRET),
+                    Err(JwtError::Algorithm),
+                    "{header}"
+                );
             }
         }
     }
@@ -206,7 +234,16 @@ mod tests {
     #[test]
     fn junk_is_refused_without_panicking() {
         let long = "eyJ".repeat(5000);
-        for junk in ["", ".", "..", "...", "a.b.c", "eyJ.eyJ.", "é.é.é", long.as_str()] {
+        for junk in [
+            "",
+            ".",
+            "..",
+            "...",
+            "a.b.c",
+            "eyJ.eyJ.",
+            "é.é.é",
+            long.as_str(),
+        ] {
             assert!(verify(junk, SECRET).is_err(), "{junk}");
         }
         assert!(!looks_like_jwt("kh_abc"));

@@ -1,0 +1,235 @@
+//! JWT-format API keys (the seed-000 model): an HS256 token signed with the secret PostgREST
+//! uses, so PostgREST can check it without a lookup, identified by its `jti` (the metadata row
+//! id) and revocable through `revoked_at`. The token itself is never stored, only its hash.
+
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::{JsonB, Uuid};
+use serde_json::{json, Value};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::audit::function_scope;
+use crate::context;
+use crate::error::{or_raise, KeyhippoError, Result};
+use crate::keys;
+use crate::plans::{types, Plan};
+use keyhippo_core::{hash, jwt};
+
+/// `api_key_metadata.prefix` of a JWT key is this followed by its jti: unique, and never of the
+/// shape of an opaque key (`kh_...`).
+pub const PREFIX: &str = "jwt_";
+
+/// The signing secret: `keyhippo.jwt_secret`, else Supabase's `app.settings.jwt_secret`.
+fn signing_secret() -> Result<String> {
+    let secret = context::setting("keyhippo.jwt_secret")
+        .or_else(|| context::setting("app.settings.jwt_secret"))
+        .ok_or_else(|| {
+            KeyhippoError::WrongState(
+                "keyhippo: no JWT signing secret: set keyhippo.jwt_secret (or app.settings.jwt_secret) to PostgREST's jwt-secret"
+                    .into(),
+            )
+        })?;
+    if secret.len() < jwt::MIN_SECRET_LEN {
+        return Err(KeyhippoError::InvalidArgument(format!(
+            "keyhippo: the JWT signing secret must be at least {} bytes long",
+            jwt::MIN_SECRET_LEN
+        )));
+    }
+    Ok(secret)
+}
+
+fn now_epoch() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// For a JWT that verifies with the configured secret, is an API key (`type = 'api_key'`), is
+/// not past its `exp` and has a UUID `jti`: the metadata prefix to look it up by. None for
+/// anything else, including when no secret is configured.
+pub fn lookup_prefix(token: &str) -> Option<String> {
+    if !jwt::looks_like_jwt(token) {
+        return None;
+    }
+    let secret = signing_secret().ok()?;
+    let claims = jwt::verify(token, secret.as_bytes()).ok()?;
+    if claims.get("type")? != "api_key" || claims.get("exp")?.as_i64()? <= now_epoch() {
+        return None;
+    }
+    let jti = context::parse_uuid(claims.get("jti")?.as_str()?)?;
+    Some(format!("{PREFIX}{jti}"))
+}
+
+const EXPIRY_FROM_INTERVAL: Plan = Plan {
+    sql: "SELECT CASE WHEN pg_catalog.now() + $1 > pg_catalog.now() \
+                      THEN pg_catalog.now() + $1 END",
+    args: &[types::INTERVAL],
+    mutating: false,
+};
+
+const INSERT_JWT_KEY: Plan = Plan {
+    sql: "INSERT INTO keyhippo.api_key_metadata \
+              (id, user_id, scope_id, description, prefix, claims, expires_at) \
+          SELECT g.id, $1, $2, $3, 'jwt_' || g.id::text, COALESCE($4, '{}'::jsonb), $5 \
+            FROM (SELECT pg_catalog.gen_random_uuid() AS id) g \
+          RETURNING id, pg_catalog.floor(pg_catalog.date_part('epoch', created_at))::int8, \
+                    pg_catalog.floor(pg_catalog.date_part('epoch', expires_at))::int8",
+    args: &[
+        types::UUID,
+        types::UUID,
+        types::TEXT,
+        types::JSONB,
+        types::TIMESTAMPTZ,
+    ],
+    mutating: true,
+};
+
+const INSERT_SECRET: Plan = Plan {
+    sql: "INSERT INTO keyhippo.api_key_secrets (key_metadata_id, key_hash) VALUES ($1, $2)",
+    args: &[types::UUID, types::TEXT],
+    mutating: true,
+};
+
+/// Mints and records a JWT key; returns (token, id). Same signature as `keys::insert_key`, so
+/// rotation can mint either kind.
+pub fn insert_jwt_key(
+    client: &pgrx::spi::SpiClient<'_>,
+    user_id: Uuid,
+    scope_id: Option<Uuid>,
+    description: Option<&str>,
+    claims: Option<JsonB>,
+    expires_at: Option<TimestampWithTimeZone>,
+) -> Result<(String, Uuid)> {
+    let secret = signing_secret()?;
+    let row = INSERT_JWT_KEY
+        .run(
+            client,
+            &[
+                user_id.into(),
+                scope_id.into(),
+                description.into(),
+                claims.into(),
+                expires_at.into(),
+            ],
+        )?
+        .first();
+    let id = row.get::<Uuid>(1)?.ok_or_else(|| {
+        KeyhippoError::Internal("keyhippo: JWT key insert returned no row".into())
+    })?;
+    let iat = row.get::<i64>(2)?.unwrap_or_else(now_epoch);
+    let exp = row.get::<i64>(3)?.unwrap_or(iat);
+    let token_claims = json!({
+        "sub": user_id.to_string(),
+        "role": "authenticated",
+        "iat": iat,
+        "exp": exp,
+        "jti": id.to_string(),
+        "type": "api_key",
+    });
+    let Value::Object(token_claims) = token_claims else {
+        unreachable!("json! object")
+    };
+    let token = jwt::sign(&token_claims, secret.as_bytes())
+        .map_err(|e| KeyhippoError::InvalidArgument(format!("keyhippo: cannot sign: {e:?}")))?;
+    INSERT_SECRET.run(client, &[id.into(), hash::hash_key(&token).as_str().into()])?;
+    Ok((token, id))
+}
+
+/// Creates a JWT-format API key for the current user: an HS256 token with claims `sub`,
+/// `role`, `iat`, `exp`, `jti` and `type = 'api_key'`, returned once.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn create_jwt_api_key(
+    description: Option<&str>,
+    expires_in: default!(Option<Interval>, "'1 year'"),
+    scope_name: default!(Option<&str>, "NULL"),
+) -> TableIterator<'static, (name!(api_key, String), name!(api_key_id, Uuid))> {
+    let _audit = function_scope("create_jwt_api_key");
+    TableIterator::once(or_raise(create_impl(description, expires_in, scope_name)))
+}
+
+fn create_impl(
+    description: Option<&str>,
+    expires_in: Option<Interval>,
+    scope_name: Option<&str>,
+) -> Result<(String, Uuid)> {
+    let user = keys::require_user()?;
+    let description = keys::validate_description(description)?;
+    let expires_in = expires_in.ok_or_else(|| {
+        KeyhippoError::InvalidArgument("keyhippo: expires_in must not be NULL".into())
+    })?;
+    signing_secret()?;
+    Spi::connect_mut(|client| {
+        let scope_id = keys::check_owner_and_scope(client, user, scope_name)?;
+        let expires_at = EXPIRY_FROM_INTERVAL
+            .run(client, &[expires_in.into()])?
+            .first()
+            .get::<TimestampWithTimeZone>(1)?
+            .ok_or_else(|| {
+                KeyhippoError::InvalidArgument("keyhippo: expires_in must be positive".into())
+            })?;
+        insert_jwt_key(
+            client,
+            user,
+            scope_id,
+            Some(description),
+            None,
+            Some(expires_at),
+        )
+    })
+}
+
+const JTI_ACTIVE: Plan = Plan {
+    sql: "SELECT EXISTS (SELECT 1 FROM keyhippo.api_key_metadata m \
+                          WHERE m.prefix = $1 AND m.user_id = $2 \
+                            AND NOT m.is_revoked AND m.expires_at > pg_catalog.now())",
+    args: &[types::TEXT, types::UUID],
+    mutating: false,
+};
+
+/// Whether the request's JWT, if it is an API key (`type = 'api_key'`), names a known,
+/// unrevoked, unexpired key of its subject. True for every JWT that is not an API key.
+/// PostgREST has already checked the signature when it filled request.jwt.claims.
+pub fn claims_key_active() -> Result<bool> {
+    let Some(claims) = context::jwt_claims() else {
+        return Ok(true);
+    };
+    if claims.get("type").and_then(Value::as_str) != Some("api_key") {
+        return Ok(true);
+    }
+    let jti = claims
+        .get("jti")
+        .and_then(Value::as_str)
+        .and_then(context::parse_uuid);
+    let sub = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .and_then(context::parse_uuid);
+    let (Some(jti), Some(sub)) = (jti, sub) else {
+        return Ok(false);
+    };
+    Spi::connect(|client| {
+        Ok(JTI_ACTIVE
+            .run(
+                client,
+                &[format!("{PREFIX}{jti}").as_str().into(), sub.into()],
+            )?
+            .first()
+            .get::<bool>(1)?
+            .unwrap_or(false))
+    })
+}
+
+#[pg_schema]
+pub mod keyhippo_internal {
+    use pgrx::prelude::*;
+
+    /// For the pre-request hook: false when request.jwt.claims is a JWT API key whose jti is
+    /// unknown, revoked or expired.
+    #[pg_extern(volatile, security_definer, parallel_unsafe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn jwt_api_key_active() -> bool {
+        crate::error::or_raise(super::claims_key_active())
+    }
+}
