@@ -2,7 +2,7 @@
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 BENCH_KEYS ?= 100000
 
-.PHONY: deps build install run stop test installcheck clean
+.PHONY: deps build install run stop test installcheck bench clean
 
 deps:
 	bin/deps
@@ -25,6 +25,10 @@ stop:
 ## Every test layer, ending with "N passed, N failed".
 test: deps
 	bin/test
+
+## The benchmark (SPEC 6): BENCH_KEYS=1000000 for the large run.
+bench: install
+	BENCH_KEYS=$(BENCH_KEYS) bench/run.sh
 
 ## Only the pg_regress suite (after make install).
 installcheck: install

@@ -18,9 +18,6 @@ use keyhippo_core::{hash, token};
 const MAX_DESCRIPTION_LEN: usize = 255;
 /// Largest claims document accepted, serialized.
 const MAX_CLAIMS_BYTES: usize = 64 * 1024;
-/// `last_used_at` is rewritten at most this often per key, so verify does not write on every
-/// call.
-const LAST_USED_INTERVAL_SECS: f64 = 60.0;
 
 // ---------------------------------------------------------------------------------------------
 // Statements
@@ -324,7 +321,10 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
         let row = VERIFY_LOOKUP
             .run(
                 client,
-                &[prefix.as_str().into(), LAST_USED_INTERVAL_SECS.into()],
+                &[
+                    prefix.as_str().into(),
+                    (crate::usage::LAST_USED_INTERVAL.get() as f64).into(),
+                ],
             )?
             .first();
         if row.is_empty() {
@@ -341,8 +341,10 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
             scope_id: row.get::<Uuid>(3)?,
             permissions: row.get::<Vec<String>>(6)?.unwrap_or_default(),
         };
+        // Record the use: in shared memory for the background worker when keyhippo is
+        // preloaded; otherwise a throttled update that never waits and never runs read-only.
         let due = row.get::<bool>(5)?.unwrap_or(false);
-        if due && can_write() {
+        if due && !crate::usage::record(id) && can_write() {
             TOUCH_LAST_USED.run(client, &[id.into()])?;
         }
         Ok(Some(verified))

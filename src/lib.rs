@@ -16,6 +16,14 @@ mod impersonation;
 mod jwt_keys;
 mod keys;
 mod plans;
+mod usage;
+
+/// Runs when the library is loaded: defines the GUCs and, when loaded through
+/// shared_preload_libraries, the shared buffer and background worker of `usage`.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    usage::init();
+}
 
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 extension_sql_file!(

@@ -1,0 +1,55 @@
+-- In-database cost per call: a PL/pgSQL loop of n calls minus the same loop without the call,
+-- over distinct keys. Used by bench/run.sh; needs the table bench_keys(i, key).
+
+CREATE OR REPLACE FUNCTION pg_temp.cost_verify(n int) RETURNS double precision LANGUAGE plpgsql AS $$
+DECLARE
+    keys text[] := ARRAY(SELECT key FROM bench_keys WHERE i <= n ORDER BY i);
+    t0 timestamptz; t_call interval; t_empty interval; k text;
+BEGIN
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP PERFORM v.user_id FROM keyhippo.verify_api_key(keys[i]) v; END LOOP;
+    t_call := clock_timestamp() - t0;
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP k := keys[i]; PERFORM k; END LOOP;
+    t_empty := clock_timestamp() - t0;
+    RETURN extract(epoch FROM t_call - t_empty) * 1e6 / n;
+END $$;
+
+CREATE OR REPLACE FUNCTION pg_temp.cost_create(n int) RETURNS double precision LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz; t_call interval; t_empty interval; d text;
+BEGIN
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP PERFORM k.api_key FROM keyhippo.create_api_key('cost ' || i) k; END LOOP;
+    t_call := clock_timestamp() - t0;
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP d := 'cost ' || i; PERFORM d; END LOOP;
+    t_empty := clock_timestamp() - t0;
+    RETURN extract(epoch FROM t_call - t_empty) * 1e6 / n;
+END $$;
+
+CREATE OR REPLACE FUNCTION pg_temp.cost_revoke(n int) RETURNS double precision LANGUAGE plpgsql AS $$
+DECLARE
+    ids uuid[] := ARRAY(SELECT k.api_key_id FROM generate_series(1, n) g,
+                              keyhippo.create_api_key('revoke ' || g) k);
+    t0 timestamptz; t_call interval; t_empty interval; x uuid;
+BEGIN
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP PERFORM keyhippo.revoke_api_key(ids[i]); END LOOP;
+    t_call := clock_timestamp() - t0;
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP x := ids[i]; PERFORM x; END LOOP;
+    t_empty := clock_timestamp() - t0;
+    RETURN extract(epoch FROM t_call - t_empty) * 1e6 / n;
+END $$;
+
+CREATE OR REPLACE FUNCTION pg_temp.cost_authorize(n int) RETURNS double precision LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz; t_call interval; t_empty interval; p keyhippo.app_permission := 'manage_api_keys';
+BEGIN
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP PERFORM keyhippo.authorize(p); END LOOP;
+    t_call := clock_timestamp() - t0;
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP PERFORM p; END LOOP;
+    t_empty := clock_timestamp() - t0;
+    RETURN extract(epoch FROM t_call - t_empty) * 1e6 / n;
+END $$;

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# make bench: keyhippo's performance, measured in one run on a throwaway cluster (SPEC 6).
+#
+#   BENCH_KEYS    keys created (default 100000; 1000000 for the large run)
+#   BENCH_ROUNDS  rounds of each pgbench measurement; medians are reported (default 3)
+#   BENCH_SECONDS length of each pgbench run (default 10)
+#
+# The cluster preloads keyhippo (shared_preload_libraries), so verify records uses in shared
+# memory and the background worker writes last_used_at; BENCH_PRELOAD=0 measures the fallback.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PGBIN=/usr/lib/postgresql/15/bin
+PORT=${BENCH_PORT:-55450}
+N=${BENCH_KEYS:-100000}
+ROUNDS=${BENCH_ROUNDS:-3}
+SECONDS_PER_RUN=${BENCH_SECONDS:-10}
+PRELOAD=${BENCH_PRELOAD:-1}
+OUT="$ROOT/target/bench"
+rm -rf "$OUT"; mkdir -p "$OUT"
+
+conf="shared_buffers = 512MB
+max_wal_size = 4GB
+synchronous_commit = off"
+if [ "$PRELOAD" = 1 ]; then
+    conf="$conf
+shared_preload_libraries = 'keyhippo'
+keyhippo.database = 'bench'"
+fi
+EXTRA_CONF="$conf" bin/cluster start bench "$PORT"
+trap 'bin/cluster stop bench' EXIT
+export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=bench
+q() { "$PGBIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
+q -d postgres -c 'CREATE DATABASE bench'
+q -f tests/fixtures/supabase.sql -c 'CREATE EXTENSION keyhippo' >/dev/null
+
+USER_ID=aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa
+AS_USER="SELECT set_config('request.jwt.claims', '{\"sub\":\"$USER_ID\",\"role\":\"authenticated\"}', false) IS NULL"
+q -c "INSERT INTO auth.users (id, email) VALUES ('$USER_ID', 'bench@example.com')"
+q -c "CREATE TABLE bench_keys (i int PRIMARY KEY, key text NOT NULL)"
+
+echo "creating $N keys ..."
+start=$(date +%s.%N)
+q -c "$AS_USER" -c "INSERT INTO bench_keys SELECT i, (keyhippo.create_api_key('bench ' || i)).api_key FROM generate_series(1, $N) i" >/dev/null
+create_seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+q -c "VACUUM ANALYZE" -c "CHECKPOINT"
+
+cat >"$OUT/floor.sql" <<SQL
+\set i random(1, $N)
+SELECT key FROM bench_keys WHERE i = :i;
+SQL
+cat >"$OUT/verify.sql" <<SQL
+\set i random(1, $N)
+SELECT user_id FROM keyhippo.verify_api_key((SELECT key FROM bench_keys WHERE i = :i));
+SQL
+cat >"$OUT/verify10k.sql" <<SQL
+\set i random(1, 10000)
+SELECT user_id FROM keyhippo.verify_api_key((SELECT key FROM bench_keys WHERE i = :i));
+SQL
+echo "SELECT 1;" >"$OUT/select1.sql"
+
+# Runs one pgbench; prints "tps latency_ms".
+pgb() {
+    "$PGBIN/pgbench" -n -M prepared -c 2 -j 2 -T "$SECONDS_PER_RUN" -f "$1" bench >"$OUT/pgbench.last" 2>&1 ||
+        { cat "$OUT/pgbench.last" >&2; return 1; }
+    tps=$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\)/\1/p' "$OUT/pgbench.last")
+    lat=$(sed -nE 's/^latency average = ([0-9.]+) ms/\1/p' "$OUT/pgbench.last")
+    echo "$tps $lat"
+}
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+kinds="floor verify select1"
+[ "$N" -gt 10000 ] && kinds="$kinds verify10k"
+for r in $(seq 1 "$ROUNDS"); do
+    for k in $kinds; do
+        read -r tps lat <<<"$(pgb "$OUT/$k.sql")"
+        echo "$tps" >>"$OUT/$k.tps"; echo "$lat" >>"$OUT/$k.lat"
+        echo "  round $r $k: $tps tps, $lat ms"
+    done
+done
+
+cost() { q -c "$AS_USER" -f bench/cost.sql -c "BEGIN" -c "SELECT round(pg_temp.cost_$1(10000)::numeric, 1)" -c "ROLLBACK" | tail -1; }
+for r in $(seq 1 "$ROUNDS"); do
+    for k in verify create revoke authorize; do cost "$k" >>"$OUT/cost_$k"; done
+done
+
+m() { median <"$OUT/$1"; }
+floor=$(m floor.tps); verify=$(m verify.tps); select1=$(m select1.tps)
+div() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a / b}'; }
+ratio=$(div "$verify" "$floor")
+{
+echo
+echo "## keyhippo benchmark"
+echo
+echo "$(nproc) cores, $(free -g | awk '/^Mem/ {print $2}') GiB, $(uname -m), PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'), $(date -u +%Y-%m-%d)."
+echo "Keys: $N; pgbench -M prepared -c 2 -j 2 -T $SECONDS_PER_RUN; medians of $ROUNDS rounds;"
+echo "shared_preload_libraries: $([ "$PRELOAD" = 1 ] && echo keyhippo || echo none)."
+echo
+echo "| measurement | median | rounds |"
+echo "|---|---|---|"
+echo "| floor: \`SELECT key FROM bench_keys WHERE i = :i\` | $floor tps, $(m floor.lat) ms | $(paste -sd' ' "$OUT/floor.tps") |"
+echo "| \`verify_api_key\` on that key | $verify tps, $(m verify.lat) ms | $(paste -sd' ' "$OUT/verify.tps") |"
+echo "| \`SELECT 1\` | $select1 tps, $(m select1.lat) ms | $(paste -sd' ' "$OUT/select1.tps") |"
+echo "| **verify / floor** | **$ratio** (target >= 0.6) | |"
+if [ -f "$OUT/verify10k.tps" ]; then
+    v10k=$(m verify10k.tps)
+    echo "| verify, keys drawn from the first 10,000 | $v10k tps | $(paste -sd' ' "$OUT/verify10k.tps") |"
+    echo "| **verify at $N keys / at 10,000** | **$(div "$verify" "$v10k")** (target >= 0.9) | |"
+fi
+echo "| in-database cost, verify | $(m cost_verify) µs per call (target <= 10) | $(paste -sd' ' "$OUT/cost_verify") |"
+echo "| in-database cost, create | $(m cost_create) µs per call (target <= 100) | $(paste -sd' ' "$OUT/cost_create") |"
+echo "| in-database cost, revoke | $(m cost_revoke) µs per call | $(paste -sd' ' "$OUT/cost_revoke") |"
+echo "| in-database cost, authorize | $(m cost_authorize) µs per call | $(paste -sd' ' "$OUT/cost_authorize") |"
+echo "| creating $N keys | $create_seconds s$([ "$N" -ge 1000000 ] && echo ' (target <= 60)') | |"
+} | tee "$OUT/results.md"

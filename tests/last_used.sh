@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# last_used_at without a write on the verify path: the background worker (keyhippo preloaded),
+# the flush at a clean shutdown, the synchronous fallback (not preloaded), READ ONLY
+# transactions and a hot standby. Needs the extension installed. Ends with
+# "last_used: N passed, N failed".
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PGBIN=/usr/lib/postgresql/15/bin
+PORT=${LAST_USED_PORT:-55441}
+STANDBY_PORT=$((PORT + 1))
+STANDBY="$ROOT/target/clusters/last_used/standby"  # inside the primary's directory: owned by postgres
+EXTRA_CONF="shared_preload_libraries = 'keyhippo'
+keyhippo.database = 'kh'
+keyhippo.last_used_flush_interval = 1" bin/cluster start last_used "$PORT" || exit 1
+cleanup() {
+    [ -f "$STANDBY/postmaster.pid" ] && runuser -u postgres -- "$PGBIN/pg_ctl" -D "$STANDBY" -m immediate stop >/dev/null 2>&1
+    rm -rf "$STANDBY"
+    bin/cluster stop last_used
+}
+trap cleanup EXIT
+
+export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=kh
+q() { "$PGBIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
+q -d postgres -c 'CREATE DATABASE kh'
+q -f tests/fixtures/supabase.sql -c 'CREATE EXTENSION keyhippo' >/dev/null
+USER_A=aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa
+q -c "INSERT INTO auth.users (id, email) VALUES ('$USER_A', 'a@example.com')"
+as_a="DO \$\$ BEGIN PERFORM set_config('request.jwt.claims', '{\"sub\":\"$USER_A\",\"role\":\"authenticated\"}', false); END \$\$; SET ROLE authenticated;"
+new_key() { q -c "$as_a" -c "SELECT api_key || ' ' || api_key_id FROM keyhippo.create_api_key('$1')" | tail -1; }
+last_used() { q -c "SELECT coalesce(last_used_at::text, 'null') FROM keyhippo.api_key_metadata WHERE id = '$1'"; }
+# Waits up to $2 seconds for last_used_at of key $1 to be set; prints the seconds it took or "never".
+wait_used() {
+    for i in $(seq 1 $(($2 * 10))); do
+        [ "$(last_used "$1")" != null ] && { echo "$((i / 10))"; return; }
+        sleep 0.1
+    done
+    echo never
+}
+
+passed=0 failed=0
+check() {
+    if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   - $1"
+    else failed=$((failed + 1)); echo "FAIL - $1: expected '$2', got '$3'"; fi
+}
+
+# 1. Preloaded: verify writes nothing itself, even read-only; the worker writes within seconds.
+# (The worker retries every 5 s until its database exists.)
+worker_up() { q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'keyhippo'"; }
+for i in $(seq 1 100); do [ "$(worker_up)" = 1 ] && break; sleep 0.2; done
+check "worker is running" 1 "$(worker_up)"
+read -r key id <<<"$(new_key worker)"
+check "verify in a READ ONLY transaction" 1 \
+    "$(q -c "BEGIN READ ONLY" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "COMMIT" | grep -v '^$' | head -1)"
+check "no synchronous write by verify" null "$(last_used "$id")"
+took=$(wait_used "$id" 5)
+check "worker sets last_used_at within the flush interval (1 s) plus slack" yes \
+    "$([ "$took" != never ] && [ "$took" -le 3 ] && echo yes || echo "no ($took)")"
+
+# 2. A clean shutdown flushes what was recorded: no periodic flush for an hour, then restart.
+q -c "ALTER SYSTEM SET keyhippo.last_used_flush_interval = 3600" -c "SELECT pg_reload_conf()" >/dev/null
+sleep 2
+read -r key2 id2 <<<"$(new_key restart)"
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key2')" >/dev/null
+sleep 1
+check "not yet written before shutdown" null "$(last_used "$id2")"
+bin/cluster restart last_used || exit 1
+check "written at shutdown, there after restart" yes "$([ "$(last_used "$id2")" != null ] && echo yes || echo no)"
+
+# 3. A hot standby verifies keys (preloaded: uses are recorded and dropped; nothing is written).
+runuser -u postgres -- "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PORT" -U postgres -D "$STANDBY" -R -X stream >/dev/null 2>&1
+cat >>"$STANDBY/postgresql.conf" <<CONF
+port = $STANDBY_PORT
+unix_socket_directories = '$STANDBY'
+hot_standby = on
+CONF
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$STANDBY" -l "$STANDBY/server.log" -w -t 60 start >/dev/null
+read -r key3 id3 <<<"$(new_key standby)"
+sleep 2  # replay
+check "standby is in recovery" t "$(q -p "$STANDBY_PORT" -c "SELECT pg_is_in_recovery()")"
+check "verify on the hot standby" 1 "$(q -p "$STANDBY_PORT" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key3')")"
+check "revoked key refused on the primary right after commit" 0 \
+    "$(q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" -c "RESET ROLE" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" | tail -1)"
+
+# 4. Not preloaded: the throttled synchronous update, skipped in READ ONLY transactions.
+sed -i "/^shared_preload_libraries/d" "$ROOT/target/clusters/last_used/data/postgresql.conf"
+bin/cluster restart last_used || exit 1
+check "no worker without preloading" 0 "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'keyhippo'")"
+read -r key4 id4 <<<"$(new_key fallback-ro)"
+check "fallback: verify in READ ONLY" 1 \
+    "$(q -c "BEGIN READ ONLY" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key4')" -c "COMMIT" | grep -v '^$' | head -1)"
+check "fallback: nothing written read-only" null "$(last_used "$id4")"
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key4')" >/dev/null
+check "fallback: written by the verify itself" yes "$([ "$(last_used "$id4")" != null ] && echo yes || echo no)"
+first=$(last_used "$id4")
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key4')" >/dev/null
+check "fallback: throttled (second verify within the interval writes nothing)" "$first" "$(last_used "$id4")"
+
+echo "last_used: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
