@@ -27,7 +27,8 @@ BEGIN
     IF v_hours IS NULL OR v_hours !~ '^\s*[0-9]{1,6}\s*$' THEN
         v_hours := '72';
     END IF;
-    RETURN pg_catalog.make_interval(hours => v_hours::int);
+    -- At most a year: the triggers below skip keys expiring later than that without a call.
+    RETURN pg_catalog.make_interval(hours => LEAST(v_hours::int, 8760));
 END
 $$;
 
@@ -163,9 +164,17 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER keyhippo_notify_expiring_key
-    AFTER INSERT OR UPDATE OF expires_at ON keyhippo.api_key_metadata
-    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.notify_expiring_key();
+-- The WHEN clauses keep the common case (a key expiring in more than a year, or an update that
+-- does not move expires_at) free of any function call.
+CREATE TRIGGER keyhippo_notify_expiring_key_insert
+    AFTER INSERT ON keyhippo.api_key_metadata
+    FOR EACH ROW WHEN (NEW.expires_at <= pg_catalog.now() + interval '8760 hours')
+    EXECUTE FUNCTION keyhippo_internal.notify_expiring_key();
+CREATE TRIGGER keyhippo_notify_expiring_key_update
+    AFTER UPDATE OF expires_at ON keyhippo.api_key_metadata
+    FOR EACH ROW WHEN (NEW.expires_at IS DISTINCT FROM OLD.expires_at
+                       AND NEW.expires_at <= pg_catalog.now() + interval '8760 hours')
+    EXECUTE FUNCTION keyhippo_internal.notify_expiring_key();
 
 -- The periodic job: reports every unrevoked key that time has carried into the window and that
 -- has not been reported since it entered it. Returns how many it reported. Scheduled

@@ -380,6 +380,29 @@ CREATE TRIGGER keyhippo_delete_revoked_secret
     FOR EACH ROW WHEN (NEW.is_revoked AND NOT OLD.is_revoked)
     EXECUTE FUNCTION keyhippo_internal.delete_revoked_secret();
 
+-- Verified-key caches ---------------------------------------------------------------------------
+
+-- Every change verify depends on makes the per-backend caches of verified keys stale (see
+-- src/cache.rs): key rows (but not a mere use recorded in last_used_at), hashes, scopes, RBAC.
+CREATE TRIGGER keyhippo_cache_update AFTER UPDATE ON keyhippo.api_key_metadata
+    FOR EACH ROW
+    WHEN (OLD.is_revoked IS DISTINCT FROM NEW.is_revoked OR OLD.revoked_at IS DISTINCT FROM NEW.revoked_at
+          OR OLD.expires_at IS DISTINCT FROM NEW.expires_at OR OLD.user_id IS DISTINCT FROM NEW.user_id
+          OR OLD.scope_id IS DISTINCT FROM NEW.scope_id OR OLD.prefix IS DISTINCT FROM NEW.prefix)
+    EXECUTE FUNCTION keyhippo_internal.note_key_change();
+CREATE TRIGGER keyhippo_cache_delete AFTER DELETE OR TRUNCATE ON keyhippo.api_key_metadata
+    FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
+CREATE TRIGGER keyhippo_cache AFTER UPDATE OR DELETE OR TRUNCATE ON keyhippo.api_key_secrets
+    FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
+CREATE TRIGGER keyhippo_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keyhippo.scope_permissions
+    FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
+CREATE TRIGGER keyhippo_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keyhippo_rbac.user_group_roles
+    FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
+CREATE TRIGGER keyhippo_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keyhippo_rbac.role_permissions
+    FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
+CREATE TRIGGER keyhippo_cache AFTER UPDATE OR DELETE OR TRUNCATE ON keyhippo_rbac.permissions
+    FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
+
 -- Defaults --------------------------------------------------------------------------------------
 
 -- Idempotent: creates whatever of the defaults is missing and leaves the rest alone.
@@ -634,6 +657,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo_rbac.groups, keyhippo_rbac.role
 GRANT SELECT ON keyhippo.audit_log TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.update_expiring_keys() TO service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.purge_audit_log() TO service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.flush_key_usage() TO service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.enable_audit_log_notify() TO service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.disable_audit_log_notify() TO service_role;
 -- The audit trigger runs keyhippo_internal.calling_function() as the definer; nobody else needs it.

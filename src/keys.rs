@@ -67,7 +67,8 @@ const VERIFY_LOOKUP: Plan = Plan {
                            ORDER BY 1) \
                 ELSE ",
         rbac_permissions_of!("m.user_id"),
-        " END \
+        " END, \
+                (pg_catalog.date_part('epoch', m.expires_at) * 1000000)::int8 \
            FROM keyhippo.api_key_metadata m \
            JOIN keyhippo.api_key_secrets s ON s.key_metadata_id = m.id \
           WHERE m.prefix = $1 \
@@ -295,6 +296,7 @@ fn verify_api_key(
 }
 
 /// A key that verified.
+#[derive(Clone)]
 pub struct VerifiedKey {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -317,6 +319,13 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
             None => return Ok(None),
         },
     };
+    if let Some(cached) = crate::cache::lookup(&prefix, api_key) {
+        if let Some(verified) = &cached {
+            crate::usage::record(verified.id);
+        }
+        return Ok(cached);
+    }
+    let before = crate::cache::begin_lookup();
     Spi::connect_mut(|client| {
         let row = VERIFY_LOOKUP
             .run(
@@ -341,6 +350,8 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
             scope_id: row.get::<Uuid>(3)?,
             permissions: row.get::<Vec<String>>(6)?.unwrap_or_default(),
         };
+        let expires_at_micros = row.get::<i64>(7)?.unwrap_or(0);
+        crate::cache::store(before, &prefix, &stored_hash, &verified, expires_at_micros);
         // Record the use: in shared memory for the background worker when keyhippo is
         // preloaded; otherwise a throttled update that never waits and never runs read-only.
         let due = row.get::<bool>(5)?.unwrap_or(false);

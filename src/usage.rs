@@ -106,6 +106,7 @@ pub fn init() {
     // SAFETY: a plain read of a postmaster global during library load.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         pg_shmem_init!(PENDING = PendingUses::default());
+        crate::cache::init_shmem();
         PRELOADED.store(true, Ordering::Relaxed);
         BackgroundWorkerBuilder::new("keyhippo last_used_at writer")
             .set_type("keyhippo")
@@ -124,8 +125,13 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+/// Whether this server preloaded keyhippo (shared memory and the worker exist).
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
 /// Whether this backend can hand uses to the background worker.
-fn worker_serves_this_database() -> bool {
+pub fn worker_serves_this_database() -> bool {
     if !PRELOADED.load(Ordering::Relaxed) {
         return false;
     }

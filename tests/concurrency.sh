@@ -7,7 +7,9 @@ cd "$ROOT"
 PGBIN=/usr/lib/postgresql/15/bin
 PORT=${CONCURRENCY_PORT:-55440}
 WORK="$ROOT/target/concurrency"
-bin/cluster start concurrency "$PORT" || exit 1
+# Preloaded, so these run against the verified-key cache and the background worker.
+EXTRA_CONF="shared_preload_libraries = 'keyhippo'
+keyhippo.database = 'kh'" bin/cluster start concurrency "$PORT" || exit 1
 trap 'bin/cluster stop concurrency' EXIT
 rm -rf "$WORK"; mkdir -p "$WORK"
 

@@ -57,6 +57,32 @@ took=$(wait_used "$id" 5)
 check "worker sets last_used_at within the flush interval (1 s) plus slack" yes \
     "$([ "$took" != never ] && [ "$took" -le 3 ] && echo yes || echo "no ($took)")"
 
+# 1b. The verified-key cache (preloaded servers) never admits a revoked key: a backend that has
+#     verified (and cached) a key refuses it on its very next verify after another backend
+#     commits the revocation; RBAC changes and expiry changes are seen at once too.
+read -r key5 id5 <<<"$(new_key cached)"
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key5')" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key5')" \
+  -c "SELECT array_to_string(permissions, ',') FROM keyhippo.verify_api_key('$key5')" \
+  -c "SELECT pg_sleep(1.5)" \
+  -c "SELECT array_to_string(permissions, ',') FROM keyhippo.verify_api_key('$key5')" \
+  -c "SELECT pg_sleep(1.5)" \
+  -c "SELECT count(*) FROM keyhippo.verify_api_key('$key5')" >"$ROOT/target/clusters/last_used/cached.out" 2>&1 &
+sleep 0.7
+q -c "INSERT INTO keyhippo_rbac.user_group_roles (user_id, group_id, role_id) SELECT '$USER_A', r.group_id, r.id FROM keyhippo_rbac.roles r WHERE r.name = 'Admin'"
+sleep 1.5
+q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id5')" >/dev/null
+wait
+check "cached verify: permission change and revocation seen by the next verify" \
+    "1 1 manage_api_keys manage_api_keys,manage_groups,manage_permissions,manage_roles,manage_scopes,manage_user_attributes 0" \
+    "$(grep -v '^$' "$ROOT/target/clusters/last_used/cached.out" | tr '\n' ' ' | sed 's/ $//')"
+read -r key6 id6 <<<"$(new_key expiry)"
+check "cached verify: expiry moved into the past is seen at once" "1 0" \
+    "$(q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key6')" \
+         -c "SELECT count(*) FROM keyhippo.verify_api_key('$key6')" >/dev/null;
+       q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key6')" \
+         -c "UPDATE keyhippo.api_key_metadata SET expires_at = now() - interval '1 second' WHERE id = '$id6'" \
+         -c "SELECT count(*) FROM keyhippo.verify_api_key('$key6')" | grep -v '^$' | tr '\n' ' ' | sed 's/ $//')"
+
 # 2. A clean shutdown flushes what was recorded: no periodic flush for an hour, then restart.
 q -c "ALTER SYSTEM SET keyhippo.last_used_flush_interval = 3600" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 2

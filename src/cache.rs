@@ -1,0 +1,157 @@
+//! A per-backend cache of verified keys, safe against revocation in any other backend.
+//!
+//! Only when keyhippo is preloaded (it needs shared memory). Two shared counters:
+//! - `EPOCH`, bumped whenever a transaction starts changing anything verify depends on (key
+//!   rows, hashes, scopes, RBAC), and again when that transaction commits or aborts;
+//! - `IN_FLIGHT`, the number of such transactions not yet finished.
+//!
+//! A cached entry is used only while `EPOCH` still has the value it had when the entry was
+//! filled, and an entry is filled only from a lookup during which `IN_FLIGHT` was zero and
+//! `EPOCH` did not move. So an entry can only come from a state no running transaction is
+//! changing, and any change, from its first statement until after its commit is visible,
+//! makes every entry stale. A revoked key is refused by the very next verify after commit, in
+//! every backend. (A transaction prepared for two-phase commit leaves `IN_FLIGHT` raised, which
+//! switches caching off until restart: safe, only slower.)
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, register_xact_callback, PgAtomic, PgXactCallbackEvent};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::keys::VerifiedKey;
+use keyhippo_core::hash;
+
+static EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"keyhippo_cache_epoch") };
+static IN_FLIGHT: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"keyhippo_cache_in_flight") };
+
+/// Entries kept per backend; the cache is emptied when it would grow past this.
+const MAX_ENTRIES: usize = 100_000;
+
+struct Entry {
+    key_hash: String,
+    verified: VerifiedKey,
+    expires_at_micros: i64,
+    epoch: u64,
+}
+
+thread_local! {
+    static ENTRIES: RefCell<HashMap<String, Entry>> = RefCell::new(HashMap::new());
+    /// Whether this backend's current transaction has announced a change.
+    static CHANGING: Cell<bool> = const { Cell::new(false) };
+    /// Set once a transaction of this backend was prepared while changing keys.
+    static LEAKED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called from `_PG_init` while preloading.
+pub fn init_shmem() {
+    pg_shmem_init!(EPOCH);
+    pg_shmem_init!(IN_FLIGHT);
+}
+
+fn enabled() -> bool {
+    crate::usage::worker_serves_this_database()
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A cached verification of `api_key` (whose lookup prefix is `prefix`), if one is valid now.
+/// `Some(None)` means the cache knows the key is invalid (wrong secret for a cached prefix).
+pub fn lookup(prefix: &str, api_key: &str) -> Option<Option<VerifiedKey>> {
+    if !enabled() {
+        return None;
+    }
+    let epoch = EPOCH.get().load(Ordering::SeqCst);
+    ENTRIES.with(|entries| {
+        let entries = entries.borrow();
+        let entry = entries.get(prefix)?;
+        if entry.epoch != epoch || entry.expires_at_micros <= now_micros() {
+            return None;
+        }
+        if !hash::verify_key(api_key, &entry.key_hash) {
+            return Some(None);
+        }
+        Some(Some(entry.verified.clone()))
+    })
+}
+
+/// A snapshot of the shared counters to take before a lookup, for [`store`].
+pub fn begin_lookup() -> Option<u64> {
+    if !enabled() || IN_FLIGHT.get().load(Ordering::SeqCst) != 0 {
+        return None;
+    }
+    Some(EPOCH.get().load(Ordering::SeqCst))
+}
+
+/// Caches a lookup's result if nothing changed while it ran.
+pub fn store(
+    before: Option<u64>,
+    prefix: &str,
+    key_hash: &str,
+    verified: &VerifiedKey,
+    expires_at_micros: i64,
+) {
+    let Some(epoch) = before else { return };
+    if IN_FLIGHT.get().load(Ordering::SeqCst) != 0 || EPOCH.get().load(Ordering::SeqCst) != epoch {
+        return;
+    }
+    ENTRIES.with(|entries| {
+        let mut entries = entries.borrow_mut();
+        if entries.len() >= MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(
+            prefix.to_string(),
+            Entry {
+                key_hash: key_hash.to_string(),
+                verified: verified.clone(),
+                expires_at_micros,
+                epoch,
+            },
+        );
+    });
+}
+
+/// Announces that the current transaction changes what verify depends on.
+fn begin_change() {
+    // SAFETY: plain read of a postmaster global inherited by every backend.
+    if !crate::usage::preloaded() || CHANGING.with(Cell::get) {
+        return;
+    }
+    IN_FLIGHT.get().fetch_add(1, Ordering::SeqCst);
+    EPOCH.get().fetch_add(1, Ordering::SeqCst);
+    CHANGING.with(|c| c.set(true));
+    let finish = || {
+        CHANGING.with(|c| c.set(false));
+        EPOCH.get().fetch_add(1, Ordering::SeqCst);
+        if !LEAKED.with(Cell::get) {
+            IN_FLIGHT.get().fetch_sub(1, Ordering::SeqCst);
+        }
+    };
+    register_xact_callback(PgXactCallbackEvent::Commit, finish);
+    register_xact_callback(PgXactCallbackEvent::Abort, finish);
+    register_xact_callback(PgXactCallbackEvent::Prepare, || {
+        LEAKED.with(|l| l.set(true))
+    });
+}
+
+#[pg_schema]
+pub mod keyhippo_internal {
+    use pgrx::prelude::*;
+
+    /// Trigger function on every table verify reads: makes verified-key caches stale now and
+    /// again once the transaction ends.
+    #[pg_trigger]
+    fn note_key_change<'a>(
+        _trigger: &'a PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+        super::begin_change();
+        Ok(None)
+    }
+}
