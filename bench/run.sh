@@ -63,7 +63,7 @@ echo "SELECT 1;" >"$OUT/select1.sql"
 pgb() {
     "$PGBIN/pgbench" -n -M prepared -c 2 -j 2 -T "$SECONDS_PER_RUN" -f "$1" bench >"$OUT/pgbench.last" 2>&1 ||
         { cat "$OUT/pgbench.last" >&2; return 1; }
-    tps=$(sed -nE 's/^tps = ([0-9.]+) \(without initial connection time\)/\1/p' "$OUT/pgbench.last")
+    tps=$(sed -nE 's/^tps = ([0-9]+)(\.[0-9]+)? \(without initial connection time\)/\1/p' "$OUT/pgbench.last")
     lat=$(sed -nE 's/^latency average = ([0-9.]+) ms/\1/p' "$OUT/pgbench.last")
     echo "$tps $lat"
 }

@@ -13,6 +13,18 @@ set local role authenticated;
 select api_key as k, api_key_id as id from keyhippo.create_api_key('plain key') \gset
 select user_id, permissions from keyhippo.verify_api_key(:'k');
 select description from keyhippo.api_key_metadata;
+-- The request context works the same without auth.users: JWT sub, then a key in x-api-key.
+select user_id, permissions from keyhippo.current_user_context();
+reset role;
+select set_config('request.jwt.claims', '{"role":"anon"}', true) is not null as as_anon,
+       set_config('request.headers', json_build_object('x-api-key', :'k')::text, true) is not null as with_key;
+set local role anon;
+select user_id from keyhippo.current_user_context();
+select keyhippo.check_request();
+reset role;
+select set_config('request.jwt.claims', :'U', true) is not null as as_user,
+       set_config('request.headers', '', true) = '' as no_headers;
+set local role authenticated;
 select keyhippo.revoke_api_key(:'id') as revoked;
 select count(*) as verifies_after_revoke from keyhippo.verify_api_key(:'k');
 -- App code can set the subject itself, as PostgREST does, with set_config(..., true).
