@@ -36,7 +36,15 @@ struct Entry {
     epoch: u64,
 }
 
+/// Whose permissions: a scope's (scoped keys) or a user's RBAC permissions.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PermissionsOf {
+    Scope([u8; 16]),
+    User([u8; 16]),
+}
+
 thread_local! {
+    static PERMISSIONS: RefCell<HashMap<PermissionsOf, (Vec<String>, u64)>> = RefCell::new(HashMap::new());
     static ENTRIES: RefCell<HashMap<String, Entry>> = RefCell::new(HashMap::new());
     /// Whether this backend's current transaction has announced a change.
     static CHANGING: Cell<bool> = const { Cell::new(false) };
@@ -115,6 +123,35 @@ pub fn store(
                 epoch,
             },
         );
+    });
+}
+
+/// Cached permissions, if still valid.
+pub fn permissions(owner: &PermissionsOf) -> Option<Vec<String>> {
+    if !enabled() {
+        return None;
+    }
+    let epoch = EPOCH.get().load(Ordering::SeqCst);
+    PERMISSIONS.with(|p| {
+        p.borrow()
+            .get(owner)
+            .filter(|(_, e)| *e == epoch)
+            .map(|(perms, _)| perms.clone())
+    })
+}
+
+/// Caches permissions read during a lookup that began at `before`, if nothing changed since.
+pub fn store_permissions(before: Option<u64>, owner: PermissionsOf, permissions: &[String]) {
+    let Some(epoch) = before else { return };
+    if IN_FLIGHT.get().load(Ordering::SeqCst) != 0 || EPOCH.get().load(Ordering::SeqCst) != epoch {
+        return;
+    }
+    PERMISSIONS.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() >= MAX_ENTRIES {
+            p.clear();
+        }
+        p.insert(owner, (permissions.to_vec(), epoch));
     });
 }
 

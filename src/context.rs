@@ -138,7 +138,21 @@ macro_rules! rbac_permissions_of {
 }
 pub(crate) use rbac_permissions_of;
 
-const USER_PERMISSIONS: Plan = Plan {
+macro_rules! scope_permissions_of {
+    ($scope:literal) => {
+        concat!(
+            "ARRAY(SELECT p.name::text \
+                     FROM keyhippo.scope_permissions sp \
+                     JOIN keyhippo_rbac.permissions p ON p.id = sp.permission_id \
+                    WHERE sp.scope_id = ",
+            $scope,
+            " ORDER BY 1)"
+        )
+    };
+}
+pub(crate) use scope_permissions_of;
+
+pub(crate) const USER_PERMISSIONS: Plan = Plan {
     sql: concat!("SELECT ", rbac_permissions_of!("$1")),
     args: &[types::UUID],
     mutating: false,
@@ -169,13 +183,8 @@ fn permissions_of(caller: &Caller) -> Result<Vec<String>> {
     if let Some(key) = &caller.key {
         return Ok(key.permissions.clone());
     }
-    Spi::connect(|client| {
-        Ok(USER_PERMISSIONS
-            .run(client, &[caller.user_id.into()])?
-            .first()
-            .get::<Vec<String>>(1)?
-            .unwrap_or_default())
-    })
+    let before = crate::cache::begin_lookup();
+    Spi::connect(|client| crate::keys::permissions_of(client, before, caller.user_id, None))
 }
 
 /// The app_role named by the JWT's `user_role` claim (Supabase custom access token hook).

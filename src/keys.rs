@@ -9,7 +9,7 @@ use pgrx::prelude::*;
 use pgrx::{JsonB, Uuid};
 
 use crate::audit::function_scope;
-use crate::context::{self, rbac_permissions_of};
+use crate::context::{self, rbac_permissions_of, scope_permissions_of};
 use crate::error::{or_raise, KeyhippoError, Result};
 use crate::plans::{types, Plan};
 use keyhippo_core::{hash, token};
@@ -51,31 +51,50 @@ const INSERT_KEY: Plan = Plan {
     mutating: true,
 };
 
+/// The lookup of a key by its prefix, with `$perms` for the permissions column.
+macro_rules! verify_lookup_sql {
+    ($perms:expr) => {
+        concat!(
+            "SELECT m.id, m.user_id, m.scope_id, s.key_hash, \
+                    (m.last_used_at IS NULL \
+                     OR m.last_used_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)), \
+                    (pg_catalog.date_part('epoch', m.expires_at) * 1000000)::int8, ",
+            $perms,
+            " FROM keyhippo.api_key_metadata m \
+               JOIN keyhippo.api_key_secrets s ON s.key_metadata_id = m.id \
+              WHERE m.prefix = $1 \
+                AND NOT m.is_revoked \
+                AND m.expires_at > pg_catalog.now()"
+        )
+    };
+}
+
 /// Everything verify needs, in one round trip: the row, its hash, whether `last_used_at` is due
-/// for a refresh, and the permissions (the scope's for a scoped key, else the owner's RBAC
-/// permissions).
+/// for a refresh, its expiry, and the permissions (the scope's for a scoped key, else the
+/// owner's RBAC permissions).
 const VERIFY_LOOKUP: Plan = Plan {
-    sql: concat!(
-        "SELECT m.id, m.user_id, m.scope_id, s.key_hash, \
-                (m.last_used_at IS NULL \
-                 OR m.last_used_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)), \
-                CASE WHEN m.scope_id IS NOT NULL THEN \
-                    ARRAY(SELECT p.name::text \
-                            FROM keyhippo.scope_permissions sp \
-                            JOIN keyhippo_rbac.permissions p ON p.id = sp.permission_id \
-                           WHERE sp.scope_id = m.scope_id \
-                           ORDER BY 1) \
-                ELSE ",
+    sql: verify_lookup_sql!(concat!(
+        "CASE WHEN m.scope_id IS NOT NULL THEN ",
+        scope_permissions_of!("m.scope_id"),
+        " ELSE ",
         rbac_permissions_of!("m.user_id"),
-        " END, \
-                (pg_catalog.date_part('epoch', m.expires_at) * 1000000)::int8 \
-           FROM keyhippo.api_key_metadata m \
-           JOIN keyhippo.api_key_secrets s ON s.key_metadata_id = m.id \
-          WHERE m.prefix = $1 \
-            AND NOT m.is_revoked \
-            AND m.expires_at > pg_catalog.now()"
-    ),
+        " END"
+    )),
     args: &[types::TEXT, types::FLOAT8],
+    mutating: false,
+};
+
+/// The same lookup without the permissions, for backends that cache permissions (preloaded
+/// servers): the permission sub-plans are most of the statement's cost.
+const VERIFY_LOOKUP_LEAN: Plan = Plan {
+    sql: verify_lookup_sql!("NULL::text[]"),
+    args: &[types::TEXT, types::FLOAT8],
+    mutating: false,
+};
+
+const SCOPE_PERMISSIONS: Plan = Plan {
+    sql: concat!("SELECT ", scope_permissions_of!("$1")),
+    args: &[types::UUID],
     mutating: false,
 };
 
@@ -326,8 +345,13 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
         return Ok(cached);
     }
     let before = crate::cache::begin_lookup();
+    let lookup = if before.is_some() {
+        &VERIFY_LOOKUP_LEAN
+    } else {
+        &VERIFY_LOOKUP
+    };
     Spi::connect_mut(|client| {
-        let row = VERIFY_LOOKUP
+        let row = lookup
             .run(
                 client,
                 &[
@@ -344,13 +368,19 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
             return Ok(None);
         }
         let id = row.get::<Uuid>(1)?.expect("id is NOT NULL");
+        let user_id = row.get::<Uuid>(2)?.expect("user_id is NOT NULL");
+        let scope_id = row.get::<Uuid>(3)?;
+        let permissions = match row.get::<Vec<String>>(7)? {
+            Some(permissions) => permissions,
+            None => permissions_of(client, before, user_id, scope_id)?,
+        };
         let verified = VerifiedKey {
             id,
-            user_id: row.get::<Uuid>(2)?.expect("user_id is NOT NULL"),
-            scope_id: row.get::<Uuid>(3)?,
-            permissions: row.get::<Vec<String>>(6)?.unwrap_or_default(),
+            user_id,
+            scope_id,
+            permissions,
         };
-        let expires_at_micros = row.get::<i64>(7)?.unwrap_or(0);
+        let expires_at_micros = row.get::<i64>(6)?.unwrap_or(0);
         crate::cache::store(before, &prefix, &stored_hash, &verified, expires_at_micros);
         // Record the use: in shared memory for the background worker when keyhippo is
         // preloaded; otherwise a throttled update that never waits and never runs read-only.
@@ -360,6 +390,34 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
         }
         Ok(Some(verified))
     })
+}
+
+/// The permissions a key carries: its scope's, or for an unscoped key its owner's RBAC
+/// permissions; from the per-backend cache when it holds them.
+pub(crate) fn permissions_of(
+    client: &pgrx::spi::SpiClient<'_>,
+    before: Option<u64>,
+    user_id: Uuid,
+    scope_id: Option<Uuid>,
+) -> Result<Vec<String>> {
+    let owner = match scope_id {
+        Some(scope) => crate::cache::PermissionsOf::Scope(*scope.as_bytes()),
+        None => crate::cache::PermissionsOf::User(*user_id.as_bytes()),
+    };
+    if let Some(permissions) = crate::cache::permissions(&owner) {
+        return Ok(permissions);
+    }
+    let (plan, arg) = match scope_id {
+        Some(scope) => (&SCOPE_PERMISSIONS, scope),
+        None => (&context::USER_PERMISSIONS, user_id),
+    };
+    let permissions = plan
+        .run(client, &[arg.into()])?
+        .first()
+        .get::<Vec<String>>(1)?
+        .unwrap_or_default();
+    crate::cache::store_permissions(before, owner, &permissions);
+    Ok(permissions)
 }
 
 /// Whether this transaction may write: not READ ONLY, not on a hot standby.
