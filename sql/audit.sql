@@ -3,12 +3,15 @@
 -- Nothing here sends anything outside the database unless the operator installs pg_net, sets
 -- keyhippo_internal.config 'audit_log_endpoint', and calls keyhippo_internal.enable_audit_log_notify().
 
--- Configuration read by the functions below.
+-- Configuration read by the functions below. (PL/pgSQL functions keep their plans for the
+-- session; SQL functions called from triggers and policies are planned at every call.)
 CREATE FUNCTION keyhippo_internal.config_value(p_key text) RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT c.value FROM keyhippo_internal.config c WHERE c.key = p_key
+BEGIN
+    RETURN (SELECT c.value FROM keyhippo_internal.config c WHERE c.key = p_key);
+END
 $$;
 
 -- The expiry window: key_expiry_notification_hours, or NULL when notifications are switched off
@@ -104,8 +107,6 @@ CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo_inter
 -- Finds the report of a key's expiry quickly (dedupe, and the periodic job).
 CREATE INDEX audit_log_expiring_key_idx ON keyhippo.audit_log ((data -> 'expiring_key' ->> 'id'))
     WHERE action = 'expiring_key';
-CREATE INDEX api_key_metadata_expires_at_idx ON keyhippo.api_key_metadata (expires_at)
-    WHERE NOT is_revoked;
 
 -- Reports one key as expiring: an 'expiring_key' audit row and a NOTIFY on channel
 -- keyhippo_key_expiring (delivered at commit). A write that moves a key into the window is a new

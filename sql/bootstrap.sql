@@ -162,16 +162,17 @@ BEGIN
             ADD CONSTRAINT user_group_roles_user_id_fkey
             FOREIGN KEY (user_id) REFERENCES auth.users (id) ON DELETE CASCADE;
         -- Whether a JWT's subject is a real user. Without auth.users every subject is taken as
-        -- it comes (plain Postgres + PostgREST: identities live elsewhere).
+        -- it comes (plain Postgres + PostgREST: identities live elsewhere). PL/pgSQL rather
+        -- than SQL: it keeps its plan for the session instead of planning at every call.
         EXECUTE $fn$
             CREATE FUNCTION keyhippo_internal.user_exists(p_user_id uuid) RETURNS boolean
-            LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-            AS 'SELECT EXISTS (SELECT 1 FROM auth.users u WHERE u.id = p_user_id)'
+            LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+            AS 'BEGIN RETURN EXISTS (SELECT 1 FROM auth.users u WHERE u.id = p_user_id); END'
         $fn$;
     ELSE
         EXECUTE $fn$
             CREATE FUNCTION keyhippo_internal.user_exists(p_user_id uuid) RETURNS boolean
-            LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+            LANGUAGE sql IMMUTABLE
             AS 'SELECT p_user_id IS NOT NULL'
         $fn$;
     END IF;

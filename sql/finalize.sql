@@ -8,10 +8,11 @@
 -- user_role claim is 'admin' (Supabase's custom access token hook), or a user holding an RBAC
 -- role of type 'admin'. (Holding manage_api_keys is not enough: every default user holds it.)
 CREATE FUNCTION keyhippo_internal.caller_is_admin() RETURNS boolean
-LANGUAGE sql VOLATILE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT keyhippo_internal.caller_role_name() = 'service_role'
+BEGIN
+    RETURN keyhippo_internal.caller_role_name() = 'service_role'
         OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
                     WHERE r.rolname = keyhippo_internal.caller_role_name() AND r.rolsuper)
         OR keyhippo_internal.jwt_user_role() IS NOT DISTINCT FROM 'admin'
@@ -19,7 +20,8 @@ AS $$
                      FROM keyhippo_rbac.user_group_roles ugr
                      JOIN keyhippo_rbac.roles r ON r.id = ugr.role_id
                     WHERE ugr.user_id = keyhippo_internal.current_user_id()
-                      AND r.role_type = 'admin')
+                      AND r.role_type = 'admin');
+END
 $$;
 
 -- Authorization ---------------------------------------------------------------------------------
@@ -27,10 +29,12 @@ $$;
 -- Whether the current request holds a permission: through its API key's scope, the user's RBAC
 -- roles, or the JWT's user_role claim.
 CREATE FUNCTION keyhippo.authorize(requested_permission keyhippo.app_permission) RETURNS boolean
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT COALESCE(keyhippo_internal.has_permission(requested_permission::text), false)
+BEGIN
+    RETURN COALESCE(keyhippo_internal.has_permission(requested_permission::text), false);
+END
 $$;
 
 -- KeyHippo's table-flavoured check: whether the current request holds the named permission.
@@ -38,14 +42,16 @@ $$;
 -- otherwise not consulted: table privileges remain Postgres' own business.
 CREATE FUNCTION keyhippo.is_authorized(target_resource regclass, required_permission text)
 RETURNS boolean
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT target_resource IS NOT NULL
+BEGIN
+    RETURN target_resource IS NOT NULL
        AND required_permission IN (
                SELECT e::text
                  FROM pg_catalog.unnest(pg_catalog.enum_range(NULL::keyhippo.app_permission)) e)
-       AND COALESCE(keyhippo_internal.has_permission(required_permission), false)
+       AND COALESCE(keyhippo_internal.has_permission(required_permission), false);
+END
 $$;
 
 -- Raises 42501 unless the caller is an admin or holds the permission.

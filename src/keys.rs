@@ -22,10 +22,17 @@ const MAX_CLAIMS_BYTES: usize = 64 * 1024;
 // ---------------------------------------------------------------------------------------------
 // Statements
 
-const CREATE_PRECHECK: Plan = Plan {
-    sql: "SELECT keyhippo_internal.user_exists($1), \
-                 (SELECT s.id FROM keyhippo.scopes s WHERE s.name = $2)",
-    args: &[types::UUID, types::TEXT],
+// Two statements, not one with `(SELECT ... WHERE name = $2)`: with a NULL scope the planner
+// folds that to false, finds the custom plan cheaper and re-plans at every call.
+const USER_EXISTS: Plan = Plan {
+    sql: "SELECT keyhippo_internal.user_exists($1)",
+    args: &[types::UUID],
+    mutating: false,
+};
+
+const SCOPE_ID: Plan = Plan {
+    sql: "SELECT s.id FROM keyhippo.scopes s WHERE s.name = $1",
+    args: &[types::TEXT],
     mutating: false,
 };
 
@@ -275,16 +282,25 @@ pub(crate) fn check_owner_and_scope(
     user: Uuid,
     scope_name: Option<&str>,
 ) -> Result<Option<Uuid>> {
-    let check = CREATE_PRECHECK
-        .run(client, &[user.into(), scope_name.into()])?
-        .first();
-    if !check.get::<bool>(1)?.unwrap_or(false) {
+    let exists = USER_EXISTS
+        .run(client, &[user.into()])?
+        .first()
+        .get::<bool>(1)?;
+    if !exists.unwrap_or(false) {
         return Err(KeyhippoError::UnknownUser(
             "keyhippo: the authenticated user does not exist in auth.users".into(),
         ));
     }
-    let scope_id = check.get::<Uuid>(2)?;
-    if let (Some(name), None) = (scope_name, scope_id) {
+    let Some(name) = scope_name else {
+        return Ok(None);
+    };
+    let scope = SCOPE_ID.run(client, &[name.into()])?;
+    let scope_id = if scope.is_empty() {
+        None
+    } else {
+        scope.first().get::<Uuid>(1)?
+    };
+    if scope_id.is_none() {
         return Err(KeyhippoError::NotFound(format!(
             "keyhippo: scope \"{}\" does not exist",
             name.escape_default()
