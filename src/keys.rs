@@ -361,6 +361,10 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
         return Ok(cached);
     }
     let before = crate::cache::begin_lookup();
+    if let Ok(found) = crate::lookup::find(&prefix) {
+        return verified_from_row(api_key, &prefix, before, found);
+    }
+    let before = crate::cache::begin_lookup();
     let lookup = if before.is_some() {
         &VERIFY_LOOKUP_LEAN
     } else {
@@ -408,6 +412,57 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
     })
 }
 
+/// Microseconds between the Unix epoch and Postgres' (2000-01-01).
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// The checks of verify on a row found by [`crate::lookup::find`]: not revoked, not expired,
+/// the hash matches; then permissions, the cache, and recording the use.
+fn verified_from_row(
+    api_key: &str,
+    prefix: &str,
+    before: Option<u64>,
+    found: Option<crate::lookup::KeyRow>,
+) -> Result<Option<VerifiedKey>> {
+    let Some(row) = found else { return Ok(None) };
+    let now = crate::lookup::now();
+    if row.is_revoked || row.expires_at <= now || !hash::verify_key(api_key, &row.key_hash) {
+        return Ok(None);
+    }
+    let permissions = match crate::cache::permissions(&permissions_owner(row.user_id, row.scope_id))
+    {
+        Some(permissions) => permissions,
+        None => Spi::connect(|client| permissions_of(client, before, row.user_id, row.scope_id))?,
+    };
+    let verified = VerifiedKey {
+        id: row.id,
+        user_id: row.user_id,
+        scope_id: row.scope_id,
+        permissions,
+    };
+    crate::cache::store(
+        before,
+        prefix,
+        &row.key_hash,
+        &verified,
+        row.expires_at + POSTGRES_EPOCH_MICROS,
+    );
+    let interval_micros = crate::usage::LAST_USED_INTERVAL.get() as i64 * 1_000_000;
+    let due = row
+        .last_used_at
+        .is_none_or(|used| used < now - interval_micros);
+    if due && !crate::usage::record(row.id) && can_write() {
+        Spi::connect_mut(|client| TOUCH_LAST_USED.run(client, &[row.id.into()]).map(|_| ()))?;
+    }
+    Ok(Some(verified))
+}
+
+fn permissions_owner(user_id: Uuid, scope_id: Option<Uuid>) -> crate::cache::PermissionsOf {
+    match scope_id {
+        Some(scope) => crate::cache::PermissionsOf::Scope(*scope.as_bytes()),
+        None => crate::cache::PermissionsOf::User(*user_id.as_bytes()),
+    }
+}
+
 /// The permissions a key carries: its scope's, or for an unscoped key its owner's RBAC
 /// permissions; from the per-backend cache when it holds them.
 pub(crate) fn permissions_of(
@@ -416,10 +471,7 @@ pub(crate) fn permissions_of(
     user_id: Uuid,
     scope_id: Option<Uuid>,
 ) -> Result<Vec<String>> {
-    let owner = match scope_id {
-        Some(scope) => crate::cache::PermissionsOf::Scope(*scope.as_bytes()),
-        None => crate::cache::PermissionsOf::User(*user_id.as_bytes()),
-    };
+    let owner = permissions_owner(user_id, scope_id);
     if let Some(permissions) = crate::cache::permissions(&owner) {
         return Ok(permissions);
     }

@@ -16,6 +16,7 @@ mod error;
 mod impersonation;
 mod jwt_keys;
 mod keys;
+mod lookup;
 mod plans;
 mod usage;
 
