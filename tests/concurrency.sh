@@ -7,15 +7,18 @@ cd "$ROOT"
 PGBIN=/usr/lib/postgresql/15/bin
 PORT=${CONCURRENCY_PORT:-55440}
 WORK="$ROOT/target/concurrency"
-# Preloaded, so these run against the verified-key cache and the background worker.
-EXTRA_CONF="shared_preload_libraries = 'keyhippo'
-keyhippo.database = 'kh'" bin/cluster start concurrency "$PORT" || exit 1
+# Preloaded, so these run against the verified-key cache and the background worker; pg_cron
+# too, to check that keyhippo schedules its jobs when pg_cron is there.
+EXTRA_CONF="shared_preload_libraries = 'keyhippo,pg_cron'
+keyhippo.database = 'kh'
+cron.database_name = 'kh'" bin/cluster start concurrency "$PORT" || exit 1
 trap 'bin/cluster stop concurrency' EXIT
 rm -rf "$WORK"; mkdir -p "$WORK"
 
 export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=kh
 q() { "$PGBIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
 q -d postgres -c 'CREATE DATABASE kh'
+q -c 'CREATE EXTENSION pg_cron'
 q -f tests/fixtures/supabase.sql -c 'CREATE EXTENSION keyhippo' >/dev/null
 
 USER_A=aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa
@@ -29,6 +32,13 @@ check() { # name expected actual
     if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   - $1"
     else failed=$((failed + 1)); echo "FAIL - $1: expected '$2', got '$3'"; fi
 }
+
+# 0. With pg_cron installed, CREATE EXTENSION keyhippo scheduled the expiry job hourly and the
+#    audit purge daily, and the scheduled commands run.
+check "pg_cron jobs scheduled" \
+    "keyhippo_purge_audit_log|17 3 * * *|SELECT keyhippo.purge_audit_log();keyhippo_update_expiring_keys|0 * * * *|SELECT keyhippo.update_expiring_keys()" \
+    "$(q -c "SELECT string_agg(jobname || '|' || schedule || '|' || command, ';' ORDER BY jobname) FROM cron.job")"
+check "scheduled commands run" "0|0" "$(q -c "SELECT keyhippo.update_expiring_keys() || '|' || keyhippo.purge_audit_log()")"
 
 # 1. Eight connections revoke the same key at once: exactly one of them revokes it.
 read -r key id <<<"$(new_key race)"
