@@ -25,8 +25,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::error::Result;
 use crate::plans::{types, Plan};
 
-/// Uses held between two flushes. A full buffer makes verify fall back to the synchronous path.
-const CAPACITY: usize = 32 * 1024;
+/// Uses held between two flushes. When the buffer is half full the worker is woken to flush
+/// early; a full buffer makes verify fall back to the synchronous path.
+const CAPACITY: usize = 128 * 1024;
 
 /// Seconds between two recorded uses of one key (both paths): how fresh last_used_at is kept.
 pub static LAST_USED_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
@@ -39,6 +40,8 @@ pub static DATABASE: GucSetting<Option<CString>> =
 #[derive(Copy, Clone)]
 pub struct PendingUses {
     len: usize,
+    /// Address of the worker's latch (in shared memory), 0 when no worker runs.
+    worker_latch: usize,
     ids: [[u8; 16]; CAPACITY],
     /// Unix time in microseconds.
     at: [i64; CAPACITY],
@@ -48,13 +51,14 @@ impl Default for PendingUses {
     fn default() -> Self {
         PendingUses {
             len: 0,
+            worker_latch: 0,
             ids: [[0; 16]; CAPACITY],
             at: [0; CAPACITY],
         }
     }
 }
 
-// SAFETY: plain old data, no pointers.
+// SAFETY: plain old data; worker_latch is an address in shared memory, valid in every process.
 unsafe impl PGRXSharedMemory for PendingUses {}
 
 static PENDING: PgLwLock<PendingUses> = unsafe { PgLwLock::new(c"keyhippo_pending_uses") };
@@ -159,7 +163,7 @@ pub fn record(id: pgrx::Uuid) -> bool {
     if fresh {
         return true;
     }
-    {
+    let wake = {
         let mut pending = PENDING.exclusive();
         let len = pending.len;
         if len >= CAPACITY {
@@ -168,6 +172,16 @@ pub fn record(id: pgrx::Uuid) -> bool {
         pending.ids[len] = key;
         pending.at[len] = now_micros();
         pending.len = len + 1;
+        if pending.len == CAPACITY / 2 {
+            pending.worker_latch
+        } else {
+            0
+        }
+    };
+    if wake != 0 {
+        // SAFETY: the address of a latch in shared memory (the worker's PGPROC); setting a
+        // latch its owner has left is harmless.
+        unsafe { pg_sys::SetLatch(wake as *mut pg_sys::Latch) };
     }
     RECORDED.with(|r| {
         let mut r = r.borrow_mut();
@@ -243,6 +257,9 @@ pub extern "C-unwind" fn keyhippo_usage_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = DATABASE.get().map(|d| d.to_string_lossy().into_owned());
     BackgroundWorker::connect_worker_to_spi(database.as_deref(), None);
+    // SAFETY: MyProc is this process's PGPROC, in shared memory for the life of the server.
+    let latch = unsafe { std::ptr::addr_of_mut!((*pg_sys::MyProc).procLatch) } as usize;
+    PENDING.exclusive().worker_latch = latch;
     loop {
         let interval = Duration::from_secs(FLUSH_INTERVAL.get().max(1) as u64);
         let keep_running = BackgroundWorker::wait_latch(Some(interval));
@@ -258,6 +275,7 @@ pub extern "C-unwind" fn keyhippo_usage_worker_main(_arg: pg_sys::Datum) {
             break;
         }
     }
+    PENDING.exclusive().worker_latch = 0;
 }
 
 /// Writes the shared buffer now (tests and operators: no need to wait for the worker).
