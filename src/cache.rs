@@ -97,6 +97,15 @@ pub fn begin_lookup() -> Option<u64> {
     Some(EPOCH.get().load(Ordering::SeqCst))
 }
 
+/// The epoch of a lookup that began at `before`, if nothing changed while it ran: only then
+/// may its result be cached.
+fn unchanged_since(before: Option<u64>) -> Option<u64> {
+    let epoch = before?;
+    let quiet =
+        IN_FLIGHT.get().load(Ordering::SeqCst) == 0 && EPOCH.get().load(Ordering::SeqCst) == epoch;
+    quiet.then_some(epoch)
+}
+
 /// Caches a lookup's result if nothing changed while it ran.
 pub fn store(
     before: Option<u64>,
@@ -105,10 +114,9 @@ pub fn store(
     verified: &VerifiedKey,
     expires_at_micros: i64,
 ) {
-    let Some(epoch) = before else { return };
-    if IN_FLIGHT.get().load(Ordering::SeqCst) != 0 || EPOCH.get().load(Ordering::SeqCst) != epoch {
+    let Some(epoch) = unchanged_since(before) else {
         return;
-    }
+    };
     ENTRIES.with(|entries| {
         let mut entries = entries.borrow_mut();
         if entries.len() >= MAX_ENTRIES {
@@ -142,10 +150,9 @@ pub fn permissions(owner: &PermissionsOf) -> Option<Vec<String>> {
 
 /// Caches permissions read during a lookup that began at `before`, if nothing changed since.
 pub fn store_permissions(before: Option<u64>, owner: PermissionsOf, permissions: &[String]) {
-    let Some(epoch) = before else { return };
-    if IN_FLIGHT.get().load(Ordering::SeqCst) != 0 || EPOCH.get().load(Ordering::SeqCst) != epoch {
+    let Some(epoch) = unchanged_since(before) else {
         return;
-    }
+    };
     PERMISSIONS.with(|p| {
         let mut p = p.borrow_mut();
         if p.len() >= MAX_ENTRIES {

@@ -136,7 +136,6 @@ macro_rules! rbac_permissions_of {
         )
     };
 }
-pub(crate) use rbac_permissions_of;
 
 macro_rules! scope_permissions_of {
     ($scope:literal) => {

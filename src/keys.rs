@@ -9,7 +9,7 @@ use pgrx::prelude::*;
 use pgrx::{JsonB, Uuid};
 
 use crate::audit::function_scope;
-use crate::context::{self, rbac_permissions_of, scope_permissions_of};
+use crate::context::{self, scope_permissions_of};
 use crate::error::{or_raise, KeyhippoError, Result};
 use crate::plans::{types, Plan};
 use keyhippo_core::{hash, token};
@@ -56,47 +56,6 @@ const INSERT_KEY: Plan = Plan {
         types::TEXT,
     ],
     mutating: true,
-};
-
-/// The lookup of a key by its prefix, with `$perms` for the permissions column.
-macro_rules! verify_lookup_sql {
-    ($perms:expr) => {
-        concat!(
-            "SELECT m.id, m.user_id, m.scope_id, s.key_hash, \
-                    (m.last_used_at IS NULL \
-                     OR m.last_used_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)), \
-                    (pg_catalog.date_part('epoch', m.expires_at) * 1000000)::int8, ",
-            $perms,
-            " FROM keyhippo.api_key_metadata m \
-               JOIN keyhippo.api_key_secrets s ON s.key_metadata_id = m.id \
-              WHERE m.prefix = $1 \
-                AND NOT m.is_revoked \
-                AND m.expires_at > pg_catalog.now()"
-        )
-    };
-}
-
-/// Everything verify needs, in one round trip: the row, its hash, whether `last_used_at` is due
-/// for a refresh, its expiry, and the permissions (the scope's for a scoped key, else the
-/// owner's RBAC permissions).
-const VERIFY_LOOKUP: Plan = Plan {
-    sql: verify_lookup_sql!(concat!(
-        "CASE WHEN m.scope_id IS NOT NULL THEN ",
-        scope_permissions_of!("m.scope_id"),
-        " ELSE ",
-        rbac_permissions_of!("m.user_id"),
-        " END"
-    )),
-    args: &[types::TEXT, types::FLOAT8],
-    mutating: false,
-};
-
-/// The same lookup without the permissions, for backends that cache permissions (preloaded
-/// servers): the permission sub-plans are most of the statement's cost.
-const VERIFY_LOOKUP_LEAN: Plan = Plan {
-    sql: verify_lookup_sql!("NULL::text[]"),
-    args: &[types::TEXT, types::FLOAT8],
-    mutating: false,
 };
 
 const SCOPE_PERMISSIONS: Plan = Plan {
@@ -361,61 +320,18 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
         return Ok(cached);
     }
     let before = crate::cache::begin_lookup();
-    if let Ok(found) = crate::lookup::find(&prefix) {
-        return verified_from_row(api_key, &prefix, before, found);
-    }
-    let before = crate::cache::begin_lookup();
-    let lookup = if before.is_some() {
-        &VERIFY_LOOKUP_LEAN
-    } else {
-        &VERIFY_LOOKUP
-    };
-    Spi::connect_mut(|client| {
-        let row = lookup
-            .run(
-                client,
-                &[
-                    prefix.as_str().into(),
-                    (crate::usage::LAST_USED_INTERVAL.get() as f64).into(),
-                ],
-            )?
-            .first();
-        if row.is_empty() {
-            return Ok(None);
-        }
-        let stored_hash = row.get::<String>(4)?.unwrap_or_default();
-        if !hash::verify_key(api_key, &stored_hash) {
-            return Ok(None);
-        }
-        let id = row.get::<Uuid>(1)?.expect("id is NOT NULL");
-        let user_id = row.get::<Uuid>(2)?.expect("user_id is NOT NULL");
-        let scope_id = row.get::<Uuid>(3)?;
-        let permissions = match row.get::<Vec<String>>(7)? {
-            Some(permissions) => permissions,
-            None => permissions_of(client, before, user_id, scope_id)?,
-        };
-        let verified = VerifiedKey {
-            id,
-            user_id,
-            scope_id,
-            permissions,
-        };
-        let expires_at_micros = row.get::<i64>(6)?.unwrap_or(0);
-        crate::cache::store(before, &prefix, &stored_hash, &verified, expires_at_micros);
-        // Record the use: in shared memory for the background worker when keyhippo is
-        // preloaded; otherwise a throttled update that never waits and never runs read-only.
-        let due = row.get::<bool>(5)?.unwrap_or(false);
-        if due && !crate::usage::record(id) && can_write() {
-            TOUCH_LAST_USED.run(client, &[id.into()])?;
-        }
-        Ok(Some(verified))
-    })
+    let found = crate::lookup::find(&prefix).map_err(|()| {
+        KeyhippoError::Internal(
+            "keyhippo: keyhippo.api_key_metadata, api_key_secrets or their indexes are missing; reinstall the extension".into(),
+        )
+    })?;
+    verified_from_row(api_key, &prefix, before, found)
 }
 
 /// Microseconds between the Unix epoch and Postgres' (2000-01-01).
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
-/// The checks of verify on a row found by [`crate::lookup::find`]: not revoked, not expired,
+/// The checks of verify on a key row found by [`crate::lookup::find`]: not revoked, not expired,
 /// the hash matches; then permissions, the cache, and recording the use.
 fn verified_from_row(
     api_key: &str,

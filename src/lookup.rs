@@ -4,8 +4,8 @@
 //! verify only needs "the row of `api_key_metadata` with this prefix, and its hash". This does
 //! exactly that through the access methods, under the caller's active snapshot (the same
 //! snapshot a read-only SPI statement would use), with AccessShareLock held to the end of the
-//! transaction as the executor would. Whatever cannot be resolved here (the extension's tables
-//! not found, say during DROP EXTENSION) returns `Err(())` and the caller uses SPI.
+//! transaction as the executor would. When the extension's tables or indexes cannot be found
+//! (a broken installation) it returns `Err(())` and verify raises an internal error.
 
 use pgrx::pg_sys;
 use pgrx::FromDatum;

@@ -60,7 +60,6 @@ pub mod types {
     pub const TEXT: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTOID);
     pub const JSONB: PgOid = PgOid::BuiltIn(BuiltinOid::JSONBOID);
     pub const TIMESTAMPTZ: PgOid = PgOid::BuiltIn(BuiltinOid::TIMESTAMPTZOID);
-    pub const FLOAT8: PgOid = PgOid::BuiltIn(BuiltinOid::FLOAT8OID);
     pub const INTERVAL: PgOid = PgOid::BuiltIn(BuiltinOid::INTERVALOID);
     pub const UUID_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::UUIDARRAYOID);
     pub const INT8_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INT8ARRAYOID);
