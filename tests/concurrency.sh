@@ -4,7 +4,6 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-PGBIN=/usr/lib/postgresql/15/bin
 PORT=${CONCURRENCY_PORT:-55440}
 WORK="$ROOT/target/concurrency"
 # Preloaded, so these run against the verified-key cache and the background worker; pg_cron
@@ -15,23 +14,9 @@ cron.database_name = 'kh'" bin/cluster start concurrency "$PORT" || exit 1
 trap 'bin/cluster stop concurrency' EXIT
 rm -rf "$WORK"; mkdir -p "$WORK"
 
-export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=kh
-q() { "$PGBIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
-q -d postgres -c 'CREATE DATABASE kh'
-q -c 'CREATE EXTENSION pg_cron'
-q -f tests/fixtures/supabase.sql -c 'CREATE EXTENSION keyhippo' >/dev/null
-
-USER_A=aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa
-q -c "INSERT INTO auth.users (id, email) VALUES ('$USER_A', 'a@example.com')"
-# A request of user A, as PostgREST runs it: claims, then the role.
-as_a="DO \$\$ BEGIN PERFORM set_config('request.jwt.claims', '{\"sub\":\"$USER_A\",\"role\":\"authenticated\"}', false); END \$\$; SET ROLE authenticated;"
-new_key() { q -c "$as_a" -c "SELECT api_key || ' ' || api_key_id FROM keyhippo.create_api_key('$1')" | tail -1; }
-
-passed=0 failed=0
-check() { # name expected actual
-    if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   - $1"
-    else failed=$((failed + 1)); echo "FAIL - $1: expected '$2', got '$3'"; fi
-}
+export PGPORT=$PORT
+. tests/lib.sh
+setup_kh pg_cron
 
 # 0. With pg_cron installed, CREATE EXTENSION keyhippo scheduled the expiry job hourly and the
 #    audit purge daily, and the scheduled commands run.

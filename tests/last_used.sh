@@ -20,14 +20,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=kh
-q() { "$PGBIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
-q -d postgres -c 'CREATE DATABASE kh'
-q -f tests/fixtures/supabase.sql -c 'CREATE EXTENSION keyhippo' >/dev/null
-USER_A=aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa
-q -c "INSERT INTO auth.users (id, email) VALUES ('$USER_A', 'a@example.com')"
-as_a="DO \$\$ BEGIN PERFORM set_config('request.jwt.claims', '{\"sub\":\"$USER_A\",\"role\":\"authenticated\"}', false); END \$\$; SET ROLE authenticated;"
-new_key() { q -c "$as_a" -c "SELECT api_key || ' ' || api_key_id FROM keyhippo.create_api_key('$1')" | tail -1; }
+export PGPORT=$PORT
+. tests/lib.sh
+setup_kh
 last_used() { q -c "SELECT coalesce(last_used_at::text, 'null') FROM keyhippo.api_key_metadata WHERE id = '$1'"; }
 # Waits up to $2 seconds for last_used_at of key $1 to be set; prints the seconds it took or "never".
 wait_used() {
@@ -36,12 +31,6 @@ wait_used() {
         sleep 0.1
     done
     echo never
-}
-
-passed=0 failed=0
-check() {
-    if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   - $1"
-    else failed=$((failed + 1)); echo "FAIL - $1: expected '$2', got '$3'"; fi
 }
 
 # 1. Preloaded: verify writes nothing itself, even read-only; the worker writes within seconds.
