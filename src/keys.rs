@@ -271,23 +271,82 @@ pub(crate) fn check_owner_and_scope(
 /// Verifies a key. One row (owner, scope, permissions) for a valid, unrevoked, unexpired key;
 /// zero rows for anything else, including NULL, junk and keys of the wrong shape. Never raises
 /// for bad input.
-#[pg_extern(volatile, security_definer, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-fn verify_api_key(
-    api_key: Option<&str>,
-) -> TableIterator<
-    'static,
-    (
-        name!(user_id, Option<Uuid>),
-        name!(scope_id, Option<Uuid>),
-        name!(permissions, Option<Vec<String>>),
-    ),
-> {
-    match or_raise(verify(api_key)) {
-        Some(v) => TableIterator::once((Some(v.user_id), v.scope_id, Some(v.permissions))),
-        None => TableIterator::empty(),
+///
+/// Not SECURITY DEFINER, on purpose: it runs no SQL on its common path (the key is found through
+/// the access methods, permissions come from the cache), and the rare statements it runs switch
+/// to the extension owner with a pinned search_path (src/elevate.rs). This saves the cost of a
+/// SECURITY DEFINER call's `SET search_path` on every request.
+///
+/// Written against the V1 calling convention directly rather than with `#[pg_extern]` and a
+/// `TableIterator`: that would look the result type up in the catalog, create a memory context
+/// and be called twice for every row. This returns its one row in a tuplestore (materialize
+/// mode) built with the descriptor the executor already has.
+#[pg_guard]
+#[no_mangle]
+pub unsafe extern "C-unwind" fn keyhippo_verify_api_key(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: called by the executor through the V1 convention with one text argument.
+    unsafe {
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        let materialize = pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32;
+        if rsinfo.is_null()
+            || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
+            || (*rsinfo).allowedModes & materialize == 0
+        {
+            or_raise::<()>(Err(KeyhippoError::InvalidArgument(
+                "keyhippo: verify_api_key must be called where a set of rows is accepted".into(),
+            )));
+        }
+        let api_key = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
+        (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
+        (*fcinfo).isnull = true;
+        let Some(v) = or_raise(verify(api_key)) else {
+            // No tuplestore: the executor reads that as an empty set.
+            return pg_sys::Datum::from(0);
+        };
+        let mut tupdesc = (*rsinfo).expectedDesc;
+        if tupdesc.is_null() {
+            let mut desc = std::ptr::null_mut();
+            pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut desc);
+            tupdesc = desc;
+        }
+        let per_query = (*(*rsinfo).econtext).ecxt_per_query_memory;
+        let old = pg_sys::MemoryContextSwitchTo(per_query);
+        let mut values = [
+            v.user_id.into_datum().expect("a uuid"),
+            v.scope_id.into_datum().unwrap_or(pg_sys::Datum::from(0)),
+            v.permissions.into_datum().expect("an array"),
+        ];
+        let mut nulls = [false, v.scope_id.is_none(), false];
+        let store = pg_sys::tuplestore_begin_heap(true, false, pg_sys::work_mem);
+        pg_sys::tuplestore_putvalues(store, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::MemoryContextSwitchTo(old);
+        (*rsinfo).setResult = store;
+        // setDesc stays NULL: the executor would free a descriptor it does not own.
+        pg_sys::Datum::from(0)
     }
 }
+
+/// The V1 calling-convention marker for [`keyhippo_verify_api_key`].
+#[no_mangle]
+pub extern "C" fn pg_finfo_keyhippo_verify_api_key() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+extension_sql!(
+    r#"
+CREATE FUNCTION keyhippo."verify_api_key"("api_key" text)
+    RETURNS TABLE ("user_id" uuid, "scope_id" uuid, "permissions" text[])
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'keyhippo_verify_api_key';
+COMMENT ON FUNCTION keyhippo.verify_api_key(text) IS
+    'One row (user_id, scope_id, permissions) for a valid, unrevoked, unexpired key; no rows otherwise.';
+"#,
+    name = "verify_api_key",
+    requires = ["bootstrap"]
+);
 
 /// A key that verified.
 #[derive(Clone)]
@@ -347,7 +406,9 @@ fn verified_from_row(
     let permissions = match crate::cache::permissions(&permissions_owner(row.user_id, row.scope_id))
     {
         Some(permissions) => permissions,
-        None => Spi::connect(|client| permissions_of(client, before, row.user_id, row.scope_id))?,
+        None => crate::elevate::as_owner(|| {
+            Spi::connect(|client| permissions_of(client, before, row.user_id, row.scope_id))
+        })?,
     };
     let verified = VerifiedKey {
         id: row.id,
@@ -367,7 +428,9 @@ fn verified_from_row(
         .last_used_at
         .is_none_or(|used| used < now - interval_micros);
     if due && !crate::usage::record(row.id) && can_write() {
-        Spi::connect_mut(|client| TOUCH_LAST_USED.run(client, &[row.id.into()]).map(|_| ()))?;
+        crate::elevate::as_owner(|| {
+            Spi::connect_mut(|client| TOUCH_LAST_USED.run(client, &[row.id.into()]).map(|_| ()))
+        })?;
     }
     Ok(Some(verified))
 }

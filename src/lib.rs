@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 mod audit;
 mod cache;
 mod context;
+mod elevate;
 mod error;
 mod impersonation;
 mod jwt_keys;

@@ -34,6 +34,8 @@ struct Rels {
     metadata_atts: [i16; 6],
     /// Attribute number of key_hash.
     hash_att: i16,
+    /// Owner of api_key_secrets: whose rights [`crate::elevate::as_owner`] takes.
+    owner: pg_sys::Oid,
 }
 
 thread_local! {
@@ -75,18 +77,42 @@ unsafe fn rels() -> Option<Rels> {
                 att(metadata, c"is_revoked"),
             ],
             hash_att: att(secrets, c"key_hash"),
+            owner: relation_owner(secrets),
         };
         let all_found = rels.prefix_index != pg_sys::InvalidOid
             && rels.secrets != pg_sys::InvalidOid
             && rels.secrets_pkey != pg_sys::InvalidOid
             && rels.metadata_atts.iter().all(|&a| a > 0)
-            && rels.hash_att > 0;
+            && rels.hash_att > 0
+            && rels.owner != pg_sys::InvalidOid;
         if !all_found {
             return None;
         }
         RELS.with(|r| r.set(Some(rels)));
         Some(rels)
     }
+}
+
+/// The owner of a relation, InvalidOid when it does not exist.
+unsafe fn relation_owner(rel: pg_sys::Oid) -> pg_sys::Oid {
+    unsafe {
+        if rel == pg_sys::InvalidOid {
+            return pg_sys::InvalidOid;
+        }
+        let relation = pg_sys::RelationIdGetRelation(rel);
+        if relation.is_null() {
+            return pg_sys::InvalidOid;
+        }
+        let owner = (*(*relation).rd_rel).relowner;
+        pg_sys::RelationClose(relation);
+        owner
+    }
+}
+
+/// The owner of keyhippo's tables (the role that created the extension), when installed.
+pub fn owner() -> Option<pg_sys::Oid> {
+    // SAFETY: catalog lookups inside a transaction.
+    unsafe { rels().map(|r| r.owner) }
 }
 
 /// Probes `index` of `table` for `value` (with equality function `eq_proc`) and calls `read` on

@@ -271,6 +271,10 @@ pub extern "C-unwind" fn keyhippo_usage_worker_main(_arg: pg_sys::Datum) {
         if let Err(e) = flush() {
             log!("keyhippo: writing last_used_at failed: {e:?}");
         }
+        // Background workers report table statistics only when asked; without this the dead
+        // row versions the flushes leave are invisible to autovacuum and never cleaned up.
+        // SAFETY: outside any transaction, as the main loop of every backend calls it.
+        unsafe { pg_sys::pgstat_report_stat(true) };
         if !keep_running {
             break;
         }

@@ -45,6 +45,11 @@ check "no synchronous write by verify" null "$(last_used "$id")"
 took=$(wait_used "$id" 5)
 check "worker sets last_used_at within the flush interval (1 s) plus slack" yes \
     "$([ "$took" != never ] && [ "$took" -le 3 ] && echo yes || echo "no ($took)")"
+# The worker reports its updates to the statistics system (else autovacuum never sees the dead
+# row versions), and they are HOT updates (fillfactor leaves room on the page, no index changes).
+sleep 1.5
+check "worker's updates reach pg_stat_user_tables, as HOT updates" "t t" \
+    "$(q -c "SELECT n_tup_upd > 0, n_tup_hot_upd > 0 FROM pg_stat_user_tables WHERE relid = 'keyhippo.api_key_metadata'::regclass" | tr '|' ' ')"
 
 # 1b. The verified-key cache (preloaded servers) never admits a revoked key: a backend that has
 #     verified (and cached) a key refuses it on its very next verify after another backend

@@ -62,4 +62,26 @@ create schema evil;
 create table evil.api_key_metadata (like keyhippo.api_key_metadata);
 set local search_path = evil, public;
 select count(*) as verifies_with_hostile_search_path from keyhippo.verify_api_key(:'key_a');
+
+-- verify_api_key is not SECURITY DEFINER (its common path runs no SQL); the statements of its
+-- rare paths (permissions, the fallback last_used_at update) take the owner's rights with
+-- search_path pinned, so a look-alike "=" earlier in the path, which would match every row,
+-- changes nothing: the right permissions, and only the verified key marked as used.
+select prosecdef, proconfig from pg_proc where oid = 'keyhippo.verify_api_key(text)'::regprocedure;
+reset search_path;
+set local role authenticated;
+select api_key as key_b from keyhippo.create_api_key('second key') \gset
+select api_key_id as id_c from keyhippo.create_api_key('third key') \gset
+reset role;
+create function evil.always(uuid, uuid) returns boolean language sql immutable as 'select true';
+create operator evil.= (leftarg = uuid, rightarg = uuid, function = evil.always);
+grant usage on schema evil to authenticated;
+set local search_path = evil, pg_catalog, public;
+set local role authenticated;
+select count(*) as verified, array_to_string(permissions, ',') as permissions
+  from keyhippo.verify_api_key(:'key_b') group by 2;
+reset role;
+reset search_path;
+select description, last_used_at is not null as used
+  from keyhippo.api_key_metadata order by description;
 rollback;

@@ -1,0 +1,50 @@
+//! Running a few internal statements with the extension owner's rights, from a function that is
+//! not SECURITY DEFINER.
+//!
+//! `verify_api_key` runs on every request, and the `SET search_path` clause of a SECURITY DEFINER
+//! function costs about as much as verify's own work (a GUC nesting level, re-parsing the path,
+//! undoing it at exit). Its common path needs no privileges: the key row and hash are read through
+//! the access methods (src/lookup.rs), which do no ACL checks, and permissions come from the
+//! per-backend cache. Only the rare paths that run SQL (permissions not cached yet, the
+//! fallback `last_used_at` update) switch to the owner of the extension's tables with
+//! `search_path` pinned, exactly as `fmgr_security_definer` does for a SECURITY DEFINER call.
+//! If the statement raises, transaction (or subtransaction) abort restores the user id and the
+//! GUC level, as it does for SECURITY DEFINER functions.
+
+use pgrx::pg_sys;
+
+use crate::error::{KeyhippoError, Result};
+
+/// Runs `f` as the owner of keyhippo's tables, with `search_path = pg_catalog, pg_temp`.
+pub fn as_owner<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let owner = crate::lookup::owner().ok_or_else(|| {
+        KeyhippoError::Internal(
+            "keyhippo: keyhippo.api_key_secrets is missing; reinstall the extension".into(),
+        )
+    })?;
+    // SAFETY: backend-local state changes, undone below on success and by the abort on error.
+    unsafe {
+        let mut saved_user = pg_sys::InvalidOid;
+        let mut saved_context = 0;
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        let nest_level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+        let result = f();
+        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
+        pg_sys::AtEOXact_GUC(true, nest_level);
+        result
+    }
+}
