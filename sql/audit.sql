@@ -40,48 +40,10 @@ $$;
 -- One audit row per INSERT, UPDATE and DELETE on keyhippo's tables: action, table, old and new
 -- row as JSON, the acting user (request context; NULL for the database owner) and the keyhippo
 -- function that caused it. api_key_secrets is not audited at all (its rows are hashes), and
--- config values whose key names a secret are masked.
+-- config values whose key names a secret are masked. Written in Rust (src/audit.rs); it inserts
+-- the audit row with the extension owner's rights and search_path pinned.
 CREATE FUNCTION keyhippo_internal.audit_change() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_old jsonb;
-    v_new jsonb;
-    v_data jsonb := '{}'::jsonb;
-BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        v_old := pg_catalog.to_jsonb(OLD);
-    END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        v_new := pg_catalog.to_jsonb(NEW);
-    END IF;
-    -- Recording a use is not a change worth a row (and verify must stay cheap).
-    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'api_key_metadata'
-       AND (v_old - 'last_used_at') = (v_new - 'last_used_at') THEN
-        RETURN NULL;
-    END IF;
-    IF TG_TABLE_NAME = 'config' THEN
-        IF v_old ->> 'key' ~* '(secret|token|password|credential)' THEN
-            v_old := pg_catalog.jsonb_set(v_old, '{value}', '"***"');
-        END IF;
-        IF v_new ->> 'key' ~* '(secret|token|password|credential)' THEN
-            v_new := pg_catalog.jsonb_set(v_new, '{value}', '"***"');
-        END IF;
-    END IF;
-    IF v_old IS NOT NULL THEN
-        v_data := v_data || pg_catalog.jsonb_build_object('old_data', v_old);
-    END IF;
-    IF v_new IS NOT NULL THEN
-        v_data := v_data || pg_catalog.jsonb_build_object('new_data', v_new);
-    END IF;
-    INSERT INTO keyhippo.audit_log (action, table_name, data, user_id, function_name)
-    VALUES (TG_OP, TG_TABLE_NAME, v_data, keyhippo_internal.current_user_id(),
-            COALESCE(keyhippo_internal.calling_function(),
-                     NULLIF(pg_catalog.current_setting('keyhippo_audit.function_name', true), '')));
-    RETURN NULL;
-END
-$$;
+LANGUAGE c AS 'MODULE_PATHNAME', 'keyhippo_audit_change';
 
 CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.api_key_metadata
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();

@@ -27,10 +27,15 @@ pub fn as_owner<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
         let mut saved_user = pg_sys::InvalidOid;
         let mut saved_context = 0;
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        // Inside keyhippo's own SECURITY DEFINER functions (create, revoke, ...) both are already
+        // so: nothing to switch.
+        if saved_user == owner && search_path_is_pinned() {
+            return f();
+        }
         let nest_level = pg_sys::NewGUCNestLevel();
         pg_sys::set_config_option(
             c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
+            PINNED.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
             pg_sys::GucAction::GUC_ACTION_SAVE,
@@ -46,5 +51,17 @@ pub fn as_owner<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
         pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
         pg_sys::AtEOXact_GUC(true, nest_level);
         result
+    }
+}
+
+/// The search_path every keyhippo statement runs under (also the `SET` clause of its SECURITY
+/// DEFINER functions).
+const PINNED: &std::ffi::CStr = c"pg_catalog, pg_temp";
+
+fn search_path_is_pinned() -> bool {
+    // SAFETY: the GUC's current string value, owned by guc.c.
+    unsafe {
+        let current = pg_sys::namespace_search_path;
+        !current.is_null() && std::ffi::CStr::from_ptr(current) == PINNED
     }
 }

@@ -36,13 +36,20 @@ const SCOPE_ID: Plan = Plan {
     mutating: false,
 };
 
+/// A key row, its hash and the key row's audit row (what the audit trigger would write, so the
+/// trigger skips this row: see `audit::self_audited`), in one statement.
 const INSERT_KEY: Plan = Plan {
     sql: "WITH m AS ( \
             INSERT INTO keyhippo.api_key_metadata \
-                (user_id, scope_id, description, prefix, claims, expires_at) \
-            VALUES ($1, $2, $3, $4, COALESCE($5, '{}'::jsonb), \
+                (id, user_id, scope_id, description, prefix, claims, expires_at) \
+            VALUES ($8, $1, $2, $3, $4, COALESCE($5, '{}'::jsonb), \
                     COALESCE($6, pg_catalog.now() + interval '100 years')) \
-            RETURNING id) \
+            RETURNING *), \
+          a AS ( \
+            INSERT INTO keyhippo.audit_log (id, action, table_name, data, user_id, function_name) \
+            SELECT $9, 'INSERT', 'api_key_metadata', \
+                   pg_catalog.jsonb_build_object('new_data', pg_catalog.to_jsonb(m)), $10, $11 \
+              FROM m) \
           INSERT INTO keyhippo.api_key_secrets (key_metadata_id, key_hash) \
           SELECT m.id, $7 FROM m \
           RETURNING key_metadata_id",
@@ -53,6 +60,10 @@ const INSERT_KEY: Plan = Plan {
         types::TEXT,
         types::JSONB,
         types::TIMESTAMPTZ,
+        types::TEXT,
+        types::UUID,
+        types::UUID,
+        types::UUID,
         types::TEXT,
     ],
     mutating: true,
@@ -187,6 +198,10 @@ fn insert_key(
 ) -> Result<(String, Uuid)> {
     let new_key = token::generate();
     let key_hash = hash::hash_key(&new_key.key);
+    // Time-ordered ids: appended at the right edge of the primary keys.
+    let new_id = keyhippo_core::uuid::new_v7();
+    let actor = context::current_user()?;
+    let _audited = crate::audit::self_audited(new_id);
     let id = INSERT_KEY
         .run(
             client,
@@ -198,6 +213,10 @@ fn insert_key(
                 claims.into(),
                 expires_at.into(),
                 key_hash.as_str().into(),
+                Uuid::from_bytes(new_id).into(),
+                Uuid::from_bytes(keyhippo_core::uuid::new_v7()).into(),
+                actor.into(),
+                crate::audit::current_function().into(),
             ],
         )?
         .first()
@@ -241,11 +260,16 @@ pub(crate) fn check_owner_and_scope(
     user: Uuid,
     scope_name: Option<&str>,
 ) -> Result<Option<Uuid>> {
-    let exists = USER_EXISTS
-        .run(client, &[user.into()])?
-        .first()
-        .get::<bool>(1)?;
-    if !exists.unwrap_or(false) {
+    // One index probe where auth.users has Supabase's shape; SQL otherwise (plain Postgres).
+    let exists = match crate::lookup::auth_user_exists(user) {
+        Some(exists) => exists,
+        None => USER_EXISTS
+            .run(client, &[user.into()])?
+            .first()
+            .get::<bool>(1)?
+            .unwrap_or(false),
+    };
+    if !exists {
         return Err(KeyhippoError::UnknownUser(
             "keyhippo: the authenticated user does not exist in auth.users".into(),
         ));

@@ -239,3 +239,58 @@ pub fn now() -> i64 {
     // SAFETY: plain read of transaction state.
     unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
 }
+
+#[derive(Clone, Copy)]
+struct AuthUsers {
+    table: pg_sys::Oid,
+    pkey: pg_sys::Oid,
+}
+
+thread_local! {
+    static AUTH_USERS: Cell<Option<AuthUsers>> = const { Cell::new(None) };
+}
+
+/// auth.users and its primary key index, when it is a single uuid column (Supabase's shape).
+unsafe fn auth_users() -> Option<AuthUsers> {
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"auth".as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            return None;
+        }
+        let table = relid(c"users", namespace);
+        if table == pg_sys::InvalidOid {
+            return None;
+        }
+        if let Some(found) = AUTH_USERS.with(Cell::get).filter(|a| a.table == table) {
+            return Some(found);
+        }
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let heap = pg_sys::table_open(table, lock);
+        let pkey = pg_sys::RelationGetPrimaryKeyIndex(heap);
+        pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+        if pkey == pg_sys::InvalidOid {
+            return None;
+        }
+        let idx = pg_sys::index_open(pkey, lock);
+        let single_uuid = (*(*idx).rd_index).indnatts == 1
+            && *(*idx).rd_opcintype == pg_sys::UUIDOID;
+        pg_sys::index_close(idx, pg_sys::NoLock as pg_sys::LOCKMODE);
+        if !single_uuid {
+            return None;
+        }
+        let found = AuthUsers { table, pkey };
+        AUTH_USERS.with(|a| a.set(Some(found)));
+        Some(found)
+    }
+}
+
+/// Whether auth.users holds `id`, by one probe of its primary key under the active snapshot.
+/// None when there is no auth.users with a uuid primary key (the caller then asks SQL).
+pub fn auth_user_exists(id: pgrx::Uuid) -> Option<bool> {
+    // SAFETY: as for `find`.
+    unsafe {
+        let users = auth_users()?;
+        let datum = pgrx::IntoDatum::into_datum(id)?;
+        Some(probe(users.table, users.pkey, pg_sys::F_UUID_EQ, datum, |_| ()).is_some())
+    }
+}
