@@ -100,7 +100,10 @@ CREATE TABLE keyhippo.api_key_metadata (
     user_id uuid NOT NULL,
     scope_id uuid REFERENCES keyhippo.scopes (id),
     description text,
-    prefix text NOT NULL UNIQUE,
+    -- COLLATE "C": prefixes are ASCII and only ever compared for equality; byte comparison
+    -- keeps verify's index probe free of locale-aware comparison (strcoll) in databases
+    -- created with a linguistic locale such as en_US.UTF-8.
+    prefix text COLLATE "C" NOT NULL UNIQUE,
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     last_used_at timestamptz,
     expires_at timestamptz NOT NULL DEFAULT (pg_catalog.now() + interval '100 years'),

@@ -34,8 +34,6 @@ struct Rels {
     metadata_atts: [i16; 6],
     /// Attribute number of key_hash.
     hash_att: i16,
-    /// Owner of api_key_secrets: whose rights [`crate::elevate::as_owner`] takes.
-    owner: pg_sys::Oid,
 }
 
 thread_local! {
@@ -77,14 +75,12 @@ unsafe fn rels() -> Option<Rels> {
                 att(metadata, c"is_revoked"),
             ],
             hash_att: att(secrets, c"key_hash"),
-            owner: relation_owner(secrets),
         };
         let all_found = rels.prefix_index != pg_sys::InvalidOid
             && rels.secrets != pg_sys::InvalidOid
             && rels.secrets_pkey != pg_sys::InvalidOid
             && rels.metadata_atts.iter().all(|&a| a > 0)
-            && rels.hash_att > 0
-            && rels.owner != pg_sys::InvalidOid;
+            && rels.hash_att > 0;
         if !all_found {
             return None;
         }
@@ -109,10 +105,14 @@ unsafe fn relation_owner(rel: pg_sys::Oid) -> pg_sys::Oid {
     }
 }
 
-/// The owner of keyhippo's tables (the role that created the extension), when installed.
+/// The owner of keyhippo's tables (the role that created the extension), when installed. Read
+/// from the relation cache at every call, so a change of owner is followed at once.
 pub fn owner() -> Option<pg_sys::Oid> {
     // SAFETY: catalog lookups inside a transaction.
-    unsafe { rels().map(|r| r.owner) }
+    unsafe {
+        let owner = relation_owner(rels()?.secrets);
+        (owner != pg_sys::InvalidOid).then_some(owner)
+    }
 }
 
 /// Probes `index` of `table` for `value` (with equality function `eq_proc`) and calls `read` on
