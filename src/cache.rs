@@ -58,8 +58,11 @@ pub fn init_shmem() {
     pg_shmem_init!(IN_FLIGHT);
 }
 
+/// `keyhippo.verified_key_cache`: on by default.
+pub static ENABLED: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(true);
+
 fn enabled() -> bool {
-    crate::usage::worker_serves_this_database()
+    ENABLED.get() && crate::usage::worker_serves_this_database()
 }
 
 fn now_micros() -> i64 {

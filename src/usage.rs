@@ -107,6 +107,15 @@ pub fn init() {
         GucFlags::default(),
     );
 
+    GucRegistry::define_bool_guc(
+        c"keyhippo.verified_key_cache",
+        c"Whether each backend caches the API keys it has verified.",
+        c"Only when keyhippo is in shared_preload_libraries (the cache's invalidation needs shared memory). Off: every verify looks the key up.",
+        &crate::cache::ENABLED,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+
     // SAFETY: a plain read of a postmaster global during library load.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         pg_shmem_init!(PENDING = PendingUses::default());

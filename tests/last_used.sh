@@ -77,6 +77,15 @@ check "cached verify: expiry moved into the past is seen at once" "1 0" \
          -c "UPDATE keyhippo.api_key_metadata SET expires_at = now() - interval '1 second' WHERE id = '$id6'" \
          -c "SELECT count(*) FROM keyhippo.verify_api_key('$key6')" | grep -v '^$' | tr '\n' ' ' | sed 's/ $//')"
 
+# 1c. keyhippo.verified_key_cache: on by default, superuser-only; verify works with it off.
+check "verified-key cache setting: on by default" on "$(q -c "SHOW keyhippo.verified_key_cache")"
+check "verified-key cache setting: client roles may not change it" 42501 \
+    "$(q -v ON_ERROR_STOP=0 -c "SET ROLE authenticated" -c "SET keyhippo.verified_key_cache = off" -c '\echo :LAST_ERROR_SQLSTATE' 2>/dev/null | tail -1)"
+read -r key7 id7 <<<"$(new_key uncached)"
+check "verify with the cache off" "1 1" \
+    "$(q -c "SET keyhippo.verified_key_cache = off" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key7')" \
+         -c "SELECT count(*) FROM keyhippo.verify_api_key('$key7')" | grep -v '^$' | tr '\n' ' ' | sed 's/ $//')"
+
 # 2. A clean shutdown flushes what was recorded: no periodic flush for an hour, then restart.
 q -c "ALTER SYSTEM SET keyhippo.last_used_flush_interval = 3600" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 2
