@@ -58,11 +58,17 @@ pub fn init_shmem() {
     pg_shmem_init!(IN_FLIGHT);
 }
 
-/// `keyhippo.verified_key_cache`: on by default.
+/// `keyhippo.verified_key_cache`: on by default. Off, verified keys are not cached (every
+/// verify looks the key up); permissions still are.
 pub static ENABLED: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(true);
 
+/// Whether this backend can cache at all (the shared counters exist and serve its database).
 fn enabled() -> bool {
-    ENABLED.get() && crate::usage::worker_serves_this_database()
+    crate::usage::worker_serves_this_database()
+}
+
+fn keys_enabled() -> bool {
+    ENABLED.get() && enabled()
 }
 
 fn now_micros() -> i64 {
@@ -75,7 +81,7 @@ fn now_micros() -> i64 {
 /// A cached verification of `api_key` (whose lookup prefix is `prefix`), if one is valid now.
 /// `Some(None)` means the cache knows the key is invalid (wrong secret for a cached prefix).
 pub fn lookup(prefix: &str, api_key: &str) -> Option<Option<VerifiedKey>> {
-    if !enabled() {
+    if !keys_enabled() {
         return None;
     }
     let epoch = EPOCH.get().load(Ordering::SeqCst);
@@ -117,6 +123,9 @@ pub fn store(
     verified: &VerifiedKey,
     expires_at_micros: i64,
 ) {
+    if !ENABLED.get() {
+        return;
+    }
     let Some(epoch) = unchanged_since(before) else {
         return;
     };

@@ -91,8 +91,7 @@ const INSERT_SECRET: Plan = Plan {
     mutating: true,
 };
 
-/// Mints and records a JWT key; returns (token, id). Same signature as `keys::insert_key`, so
-/// rotation can mint either kind.
+/// Mints and records a JWT key; returns (token, id). Rotation mints this kind for a JWT key.
 pub fn insert_jwt_key(
     client: &pgrx::spi::SpiClient<'_>,
     user_id: Uuid,

@@ -186,21 +186,33 @@ fn key_not_found() -> KeyhippoError {
     KeyhippoError::NotFound("keyhippo: API key not found among the caller's keys".into())
 }
 
-/// Inserts a key row and its hash; returns (plaintext key, id).
-#[allow(clippy::too_many_arguments)]
-fn insert_key(
-    client: &pgrx::spi::SpiClient<'_>,
+/// What a new key row holds.
+struct NewKey<'a> {
     user_id: Uuid,
     scope_id: Option<Uuid>,
-    description: Option<&str>,
+    description: Option<&'a str>,
     claims: Option<JsonB>,
     expires_at: Option<TimestampWithTimeZone>,
+}
+
+/// Inserts a key row, its hash and its audit row; returns (plaintext key, id). `actor` is the
+/// calling user, for the audit row (None for an admin acting without one).
+fn insert_key(
+    client: &pgrx::spi::SpiClient<'_>,
+    key: NewKey<'_>,
+    actor: Option<Uuid>,
 ) -> Result<(String, Uuid)> {
+    let NewKey {
+        user_id,
+        scope_id,
+        description,
+        claims,
+        expires_at,
+    } = key;
     let new_key = token::generate();
     let key_hash = hash::hash_key(&new_key.key);
     // Time-ordered ids: appended at the right edge of the primary keys.
     let new_id = keyhippo_core::uuid::new_v7();
-    let actor = context::current_user()?;
     let _audited = crate::audit::self_audited(new_id);
     let id = INSERT_KEY
         .run(
@@ -249,7 +261,14 @@ fn create_api_key_impl(
     let description = validate_description(description)?;
     Spi::connect_mut(|client| {
         let scope_id = check_owner_and_scope(client, user, scope_name)?;
-        insert_key(client, user, scope_id, Some(description), None, None)
+        let new = NewKey {
+            user_id: user,
+            scope_id,
+            description: Some(description),
+            claims: None,
+            expires_at: None,
+        };
+        insert_key(client, new, Some(user))
     })
 }
 
@@ -563,19 +582,25 @@ fn rotate_impl(old_api_key_id: Option<Uuid>) -> Result<(String, Uuid)> {
         let is_jwt = old
             .get::<String>(7)?
             .is_some_and(|p| p.starts_with(crate::jwt_keys::PREFIX));
-        let mint = if is_jwt {
-            crate::jwt_keys::insert_jwt_key
+        let created = if is_jwt {
+            crate::jwt_keys::insert_jwt_key(
+                client,
+                owner,
+                scope_id,
+                description.as_deref(),
+                claims,
+                expires_at,
+            )?
         } else {
-            insert_key
+            let new = NewKey {
+                user_id: owner,
+                scope_id,
+                description: description.as_deref(),
+                claims,
+                expires_at,
+            };
+            insert_key(client, new, user)?
         };
-        let created = mint(
-            client,
-            owner,
-            scope_id,
-            description.as_deref(),
-            claims,
-            expires_at,
-        )?;
         REVOKE.run(client, &[id.into(), user.into()])?;
         Ok(created)
     })
