@@ -110,7 +110,7 @@ pub fn init() {
     GucRegistry::define_bool_guc(
         c"keyhippo.verified_key_cache",
         c"Whether each backend caches the API keys it has verified.",
-        c"Only when keyhippo is in shared_preload_libraries (the cache's invalidation needs shared memory). Off: every verify looks the key up.",
+        c"Only when keyhippo is in shared_preload_libraries (the cache's invalidation needs shared memory). Off (the default): every verify looks the key up; permissions are cached either way.",
         &crate::cache::ENABLED,
         GucContext::Suset,
         GucFlags::default(),

@@ -8,7 +8,9 @@ PORT=${CONCURRENCY_PORT:-55440}
 WORK="$ROOT/target/concurrency"
 # Preloaded, so these run against the verified-key cache and the background worker; pg_cron
 # too, to check that keyhippo schedules its jobs when pg_cron is there.
-EXTRA_CONF="shared_preload_libraries = 'keyhippo,pg_cron'
+# The verified-key cache is on: the revocation tests below must hold with it.
+EXTRA_CONF="keyhippo.verified_key_cache = on
+shared_preload_libraries = 'keyhippo,pg_cron'
 keyhippo.database = 'kh'
 cron.database_name = 'kh'" bin/cluster start concurrency "$PORT" || exit 1
 trap 'bin/cluster stop concurrency' EXIT
