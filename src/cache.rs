@@ -59,9 +59,11 @@ pub fn init_shmem() {
 }
 
 /// `keyhippo.verified_key_cache`: off by default. On, each backend also caches the keys it has
-/// verified; permissions are cached either way. Off by default because `make bench` measured
-/// it no faster once the lookup itself became two index probes: 100,000 random keys, 17.8k
-/// tps with it against 18.9k without; keys drawn from 10,000, 22.6k against 21.7k.
+/// verified; permissions are cached either way. Off by default: once the lookup became two
+/// index probes, `make bench` measured no gain beyond noise on uniformly random keys (100,000
+/// keys: 17.8k tps with it and 18.9k without in one run, 18.6k and 17.7k in the next) and a gain only when few keys come back to the same backends
+/// (1,000,000 keys, 10,000 of them used: 23.3k with it, 16.8k without), for up to 100,000
+/// entries of memory per backend. See BENCHMARKS.md.
 pub static ENABLED: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(false);
 
 /// Whether this backend can cache at all (the shared counters exist and serve its database).
