@@ -106,7 +106,10 @@ unsafe fn row_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> Result<
 
 /// Whether a config key names a secret: its value is masked in the audit log.
 fn names_secret(key: Option<&Value>) -> bool {
-    let key = key.and_then(Value::as_str).unwrap_or("").to_ascii_lowercase();
+    let key = key
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_ascii_lowercase();
     ["secret", "token", "password", "credential"]
         .iter()
         .any(|w| key.contains(w))
@@ -175,11 +178,9 @@ unsafe fn audit(td: *mut pg_sys::TriggerData, op: u32) -> Result<()> {
         let (action, old, new) = match op {
             pg_sys::TRIGGER_EVENT_INSERT => ("INSERT", None, Some((*td).tg_trigtuple)),
             pg_sys::TRIGGER_EVENT_DELETE => ("DELETE", Some((*td).tg_trigtuple), None),
-            pg_sys::TRIGGER_EVENT_UPDATE => (
-                "UPDATE",
-                Some((*td).tg_trigtuple),
-                Some((*td).tg_newtuple),
-            ),
+            pg_sys::TRIGGER_EVENT_UPDATE => {
+                ("UPDATE", Some((*td).tg_trigtuple), Some((*td).tg_newtuple))
+            }
             _ => return Ok(()),
         };
         if action == "INSERT" && table == "api_key_metadata" {
@@ -206,7 +207,9 @@ unsafe fn audit(td: *mut pg_sys::TriggerData, op: u32) -> Result<()> {
             }
         }
         if table == "config" {
-            old.iter_mut().chain(new.iter_mut()).for_each(mask_secret_value);
+            old.iter_mut()
+                .chain(new.iter_mut())
+                .for_each(mask_secret_value);
         }
         let mut data = Map::new();
         if let Some(old) = old {
@@ -240,10 +243,4 @@ unsafe fn audit(td: *mut pg_sys::TriggerData, op: u32) -> Result<()> {
     }
 }
 
-/// The V1 calling-convention marker for [`keyhippo_audit_change`].
-#[no_mangle]
-pub extern "C" fn pg_finfo_keyhippo_audit_change() -> &'static pg_sys::Pg_finfo_record {
-    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
-
+v1_function_info!(pg_finfo_keyhippo_audit_change);

@@ -371,12 +371,7 @@ pub unsafe extern "C-unwind" fn keyhippo_verify_api_key(
     }
 }
 
-/// The V1 calling-convention marker for [`keyhippo_verify_api_key`].
-#[no_mangle]
-pub extern "C" fn pg_finfo_keyhippo_verify_api_key() -> &'static pg_sys::Pg_finfo_record {
-    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+v1_function_info!(pg_finfo_keyhippo_verify_api_key);
 
 extension_sql!(
     r#"

@@ -9,6 +9,19 @@ use pgrx::prelude::*;
 
 ::pgrx::pg_module_magic!(name, version);
 
+/// Declares `pg_finfo_<function>`, the marker PostgreSQL looks up to call a hand-written
+/// C-language function with the V1 convention (what `#[pg_extern]` generates for the others).
+macro_rules! v1_function_info {
+    ($marker:ident) => {
+        #[no_mangle]
+        pub extern "C" fn $marker() -> &'static ::pgrx::pg_sys::Pg_finfo_record {
+            static V1: ::pgrx::pg_sys::Pg_finfo_record =
+                ::pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
+
 mod audit;
 mod cache;
 mod context;

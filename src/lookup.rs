@@ -272,8 +272,8 @@ unsafe fn auth_users() -> Option<AuthUsers> {
             return None;
         }
         let idx = pg_sys::index_open(pkey, lock);
-        let single_uuid = (*(*idx).rd_index).indnatts == 1
-            && *(*idx).rd_opcintype == pg_sys::UUIDOID;
+        let single_uuid =
+            (*(*idx).rd_index).indnatts == 1 && *(*idx).rd_opcintype == pg_sys::UUIDOID;
         pg_sys::index_close(idx, pg_sys::NoLock as pg_sys::LOCKMODE);
         if !single_uuid {
             return None;

@@ -74,7 +74,10 @@ mod tests {
     fn v7_ids_grow_with_time_and_differ_within_a_millisecond() {
         let earlier = v7(1_000, [0xff; 10]);
         let later = v7(1_001, [0x00; 10]);
-        assert!(earlier < later, "byte order (as Postgres compares uuids) follows time");
+        assert!(
+            earlier < later,
+            "byte order (as Postgres compares uuids) follows time"
+        );
         let a = new_v7();
         let b = new_v7();
         assert_ne!(a, b);
