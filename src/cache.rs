@@ -61,9 +61,10 @@ pub fn init_shmem() {
 /// `keyhippo.verified_key_cache`: off by default. On, each backend also caches the keys it has
 /// verified; permissions are cached either way. Off by default: once the lookup became two
 /// index probes, `make bench` measured no gain beyond noise on uniformly random keys (100,000
-/// keys: 17.8k tps with it and 18.9k without in one run, 18.6k and 17.7k in the next) and a gain only when few keys come back to the same backends
-/// (1,000,000 keys, 10,000 of them used: 23.3k with it, 16.8k without), for up to 100,000
-/// entries of memory per backend. See BENCHMARKS.md.
+/// keys: 17.8k tps with it and 18.9k without in one run, 18.6k and 17.7k in the next) and a
+/// gain only when few keys come back to the same backends (1,000,000 keys, 10,000 of them
+/// used: 23.3k with it, 16.8k without), for up to 100,000 entries of memory per backend. See
+/// BENCHMARKS.md.
 pub static ENABLED: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(false);
 
 /// Whether this backend can cache at all (the shared counters exist and serve its database).
@@ -71,6 +72,7 @@ fn enabled() -> bool {
     crate::usage::worker_serves_this_database()
 }
 
+/// Whether verified keys themselves are cached (permissions are whenever [`enabled`]).
 fn keys_enabled() -> bool {
     ENABLED.get() && enabled()
 }
@@ -127,7 +129,7 @@ pub fn store(
     verified: &VerifiedKey,
     expires_at_micros: i64,
 ) {
-    if !ENABLED.get() {
+    if !keys_enabled() {
         return;
     }
     let Some(epoch) = unchanged_since(before) else {

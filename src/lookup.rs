@@ -44,18 +44,23 @@ unsafe fn relid(name: &CStr, namespace: pg_sys::Oid) -> pg_sys::Oid {
     unsafe { pg_sys::get_relname_relid(name.as_ptr(), namespace) }
 }
 
+/// The OIDs of schema `schema` and of its table `table`, when both exist.
+unsafe fn schema_table(schema: &CStr, table: &CStr) -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(schema.as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            return None;
+        }
+        let table = relid(table, namespace);
+        (table != pg_sys::InvalidOid).then_some((namespace, table))
+    }
+}
+
 /// The relations and attribute numbers, resolved once per backend and re-resolved when the
 /// extension was dropped and created again (the metadata table's OID changes).
 unsafe fn rels() -> Option<Rels> {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"keyhippo".as_ptr(), true);
-        if namespace == pg_sys::InvalidOid {
-            return None;
-        }
-        let metadata = relid(c"api_key_metadata", namespace);
-        if metadata == pg_sys::InvalidOid {
-            return None;
-        }
+        let (namespace, metadata) = schema_table(c"keyhippo", c"api_key_metadata")?;
         if let Some(rels) = RELS.with(Cell::get).filter(|r| r.metadata == metadata) {
             return Some(rels);
         }
@@ -253,14 +258,7 @@ thread_local! {
 /// auth.users and its primary key index, when it is a single uuid column (Supabase's shape).
 unsafe fn auth_users() -> Option<AuthUsers> {
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"auth".as_ptr(), true);
-        if namespace == pg_sys::InvalidOid {
-            return None;
-        }
-        let table = relid(c"users", namespace);
-        if table == pg_sys::InvalidOid {
-            return None;
-        }
+        let (_, table) = schema_table(c"auth", c"users")?;
         if let Some(found) = AUTH_USERS.with(Cell::get).filter(|a| a.table == table) {
             return Some(found);
         }
