@@ -107,37 +107,39 @@ END
 $$;
 
 -- A write that moves a key's expiry into the window reports it (once: a key that was already
--- in the window is not reported again by later updates).
-CREATE FUNCTION keyhippo_internal.notify_expiring_key() RETURNS trigger
+-- in the window is not reported again by later updates). Called by the trigger below for a
+-- written key that may be in the window; p_old_expires_at is NULL for an INSERT.
+CREATE FUNCTION keyhippo_internal.expiring_key_written(p_id uuid, p_user_id uuid,
+                                                       p_description text,
+                                                       p_expires_at timestamptz,
+                                                       p_old_expires_at timestamptz)
+RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_window interval := keyhippo_internal.expiry_window();
 BEGIN
-    IF v_window IS NULL OR NEW.is_revoked THEN
-        RETURN NULL;
+    IF v_window IS NULL THEN
+        RETURN;
     END IF;
-    IF NEW.expires_at <= pg_catalog.now() + v_window
-       AND (TG_OP = 'INSERT' OR OLD.expires_at > pg_catalog.now() + v_window) THEN
-        PERFORM keyhippo_internal.report_expiring_key(NEW.id, NEW.user_id, NEW.description,
-                                                      NEW.expires_at, true);
+    IF p_expires_at <= pg_catalog.now() + v_window
+       AND (p_old_expires_at IS NULL OR p_old_expires_at > pg_catalog.now() + v_window) THEN
+        PERFORM keyhippo_internal.report_expiring_key(p_id, p_user_id, p_description,
+                                                      p_expires_at, true);
     END IF;
-    RETURN NULL;
 END
 $$;
 
--- The WHEN clauses keep the common case (a key expiring in more than a year, or an update that
--- does not move expires_at) free of any function call.
-CREATE TRIGGER keyhippo_notify_expiring_key_insert
-    AFTER INSERT ON keyhippo.api_key_metadata
-    FOR EACH ROW WHEN (NEW.expires_at <= pg_catalog.now() + interval '8760 hours')
-    EXECUTE FUNCTION keyhippo_internal.notify_expiring_key();
-CREATE TRIGGER keyhippo_notify_expiring_key_update
-    AFTER UPDATE OF expires_at ON keyhippo.api_key_metadata
-    FOR EACH ROW WHEN (NEW.expires_at IS DISTINCT FROM OLD.expires_at
-                       AND NEW.expires_at <= pg_catalog.now() + interval '8760 hours')
-    EXECUTE FUNCTION keyhippo_internal.notify_expiring_key();
+-- In Rust (src/expiry.rs) and without a WHEN clause, which Postgres would parse again for
+-- every statement: keys expiring more than a year from now (the widest window), revoked keys
+-- and updates that leave expires_at alone are skipped without any SQL.
+CREATE FUNCTION keyhippo_internal.notify_expiring_key() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'keyhippo_notify_expiring_key';
+
+CREATE TRIGGER keyhippo_notify_expiring_key
+    AFTER INSERT OR UPDATE OF expires_at ON keyhippo.api_key_metadata
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.notify_expiring_key();
 
 -- The periodic job: reports every unrevoked key that time has carried into the window and that
 -- has not been reported since it entered it. Returns how many it reported. Scheduled

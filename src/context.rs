@@ -9,7 +9,9 @@
 
 use pgrx::prelude::*;
 use pgrx::JsonB;
+use std::cell::RefCell;
 use std::ffi::{CStr, CString};
+use std::rc::Rc;
 
 use crate::error::{or_raise, Result};
 use crate::impersonation;
@@ -35,12 +37,43 @@ pub fn setting(name: &str) -> Option<String> {
     }
 }
 
+type Claims = serde_json::Map<String, serde_json::Value>;
+
+thread_local! {
+    /// The last `request.jwt.claims` text this backend parsed, and what it parsed to. A pooled
+    /// PostgREST connection sets the same claims for every statement of a request, and
+    /// create, authorize and the RLS helpers each ask for them: the text is compared, not
+    /// parsed again.
+    static CLAIMS: RefCell<Option<(Vec<u8>, Option<Rc<Claims>>)>> = const { RefCell::new(None) };
+}
+
 /// The claims of the request's JWT as JSON, if any are set and parse as a JSON object.
-pub fn jwt_claims() -> Option<serde_json::Map<String, serde_json::Value>> {
-    match serde_json::from_str(&setting("request.jwt.claims")?) {
-        Ok(serde_json::Value::Object(map)) => Some(map),
-        _ => None,
+pub fn jwt_claims() -> Option<Rc<Claims>> {
+    // SAFETY: GetConfigOption returns NULL or a pointer into GUC storage that stays valid until
+    // the setting changes; it is only read here, before any other call.
+    let raw = unsafe {
+        let value = pg_sys::GetConfigOption(c"request.jwt.claims".as_ptr(), true, false);
+        if value.is_null() {
+            return None;
+        }
+        CStr::from_ptr(value).to_bytes()
+    };
+    if raw.is_empty() {
+        return None;
     }
+    CLAIMS.with(|cache| {
+        if let Some((text, parsed)) = &*cache.borrow() {
+            if text.as_slice() == raw {
+                return parsed.clone();
+            }
+        }
+        let parsed = match serde_json::from_slice(raw) {
+            Ok(serde_json::Value::Object(map)) => Some(Rc::new(map)),
+            _ => None,
+        };
+        *cache.borrow_mut() = Some((raw.to_vec(), parsed.clone()));
+        parsed
+    })
 }
 
 /// Parses a JWT subject into a UUID; anything that is not a canonical UUID is None.

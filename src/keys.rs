@@ -36,34 +36,33 @@ const SCOPE_ID: Plan = Plan {
     mutating: false,
 };
 
-/// A key row, its hash and the key row's audit row (what the audit trigger would write, so the
-/// trigger skips this row: see `audit::self_audited`), in one statement.
+/// A key row, its hash and the key row's audit row, in one statement. The audit row is what the
+/// audit trigger would write (it skips this row: see `audit::self_audited`), built in Rust from
+/// the values inserted (`audit_json`), so the statement needs no `RETURNING` row, no
+/// `to_jsonb` and no projection between its parts. The foreign key of the hash to the key row
+/// is checked at the end of the statement, when both are in.
 const INSERT_KEY: Plan = Plan {
     sql: "WITH m AS ( \
             INSERT INTO keyhippo.api_key_metadata \
-                (id, user_id, scope_id, description, prefix, claims, expires_at) \
-            VALUES ($8, $1, $2, $3, $4, COALESCE($5, '{}'::jsonb), \
-                    COALESCE($6, pg_catalog.now() + interval '100 years')) \
-            RETURNING *), \
+                (id, user_id, scope_id, description, prefix, claims, created_at, expires_at) \
+            VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)), \
           a AS ( \
             INSERT INTO keyhippo.audit_log (id, action, table_name, data, user_id, function_name) \
-            SELECT $9, 'INSERT', 'api_key_metadata', \
-                   pg_catalog.jsonb_build_object('new_data', pg_catalog.to_jsonb(m)), $10, $11 \
-              FROM m) \
-          INSERT INTO keyhippo.api_key_secrets (key_metadata_id, key_hash) \
-          SELECT m.id, $7 FROM m \
-          RETURNING key_metadata_id",
+            VALUES ($9, 'INSERT', 'api_key_metadata', $10::jsonb, $11, $12)) \
+          INSERT INTO keyhippo.api_key_secrets (key_metadata_id, key_hash) VALUES ($1, $13)",
     args: &[
         types::UUID,
         types::UUID,
+        types::UUID,
         types::TEXT,
         types::TEXT,
-        types::JSONB,
+        types::TEXT,
         types::TIMESTAMPTZ,
+        types::TIMESTAMPTZ,
+        types::UUID,
         types::TEXT,
         types::UUID,
-        types::UUID,
-        types::UUID,
+        types::TEXT,
         types::TEXT,
     ],
     mutating: true,
@@ -202,39 +201,226 @@ fn insert_key(
     key: NewKey<'_>,
     actor: Option<Uuid>,
 ) -> Result<(String, Uuid)> {
-    let NewKey {
-        user_id,
-        scope_id,
-        description,
-        claims,
-        expires_at,
-    } = key;
     let new_key = token::generate();
     let key_hash = hash::hash_key(&new_key.key);
     // Time-ordered ids: appended at the right edge of the primary keys.
-    let new_id = keyhippo_core::uuid::new_v7();
-    let _audited = crate::audit::self_audited(new_id);
-    let id = INSERT_KEY
-        .run(
-            client,
-            &[
-                user_id.into(),
-                scope_id.into(),
-                description.into(),
-                new_key.prefix.as_str().into(),
-                claims.into(),
-                expires_at.into(),
-                key_hash.as_str().into(),
-                Uuid::from_bytes(new_id).into(),
-                Uuid::from_bytes(keyhippo_core::uuid::new_v7()).into(),
-                actor.into(),
-                crate::audit::current_function().into(),
-            ],
-        )?
-        .first()
-        .get::<Uuid>(1)?
-        .ok_or_else(|| KeyhippoError::Internal("keyhippo: key insert returned no row".into()))?;
+    let id = Uuid::from_bytes(keyhippo_core::uuid::new_v7());
+    let created_at = crate::lookup::now();
+    let expires_at = match key.expires_at {
+        Some(at) => at.into(),
+        None => default_expiry(created_at),
+    };
+    let claims = match &key.claims {
+        Some(claims) => claims.0.to_string(),
+        None => "{}".to_string(),
+    };
+    let row = KeyRowValues {
+        id,
+        user_id: key.user_id,
+        scope_id: key.scope_id,
+        description: key.description,
+        prefix: &new_key.prefix,
+        claims: &claims,
+        created_at,
+        expires_at,
+    };
+    let audit = audit_json(&row);
+    let audit_id = Uuid::from_bytes(keyhippo_core::uuid::new_v7());
+    let _audited = crate::audit::self_audited(*id.as_bytes());
+    if insert_key_rows(&row, &key_hash, audit_id, &audit, actor) {
+        return Ok((new_key.key, id));
+    }
+    let timestamp = |micros: i64| TimestampWithTimeZone::try_from(micros).ok();
+    INSERT_KEY.run(
+        client,
+        &[
+            id.into(),
+            key.user_id.into(),
+            key.scope_id.into(),
+            key.description.into(),
+            new_key.prefix.as_str().into(),
+            claims.as_str().into(),
+            timestamp(created_at).into(),
+            timestamp(expires_at).into(),
+            audit_id.into(),
+            audit.as_str().into(),
+            actor.into(),
+            crate::audit::current_function().into(),
+            key_hash.as_str().into(),
+        ],
+    )?;
     Ok((new_key.key, id))
+}
+
+/// Writes the key row, its hash and its audit row through `direct_insert` (no statement to
+/// plan and start); false when the tables do not have the expected columns, and nothing was
+/// written.
+fn insert_key_rows(
+    row: &KeyRowValues<'_>,
+    key_hash: &str,
+    audit_id: Uuid,
+    audit: &str,
+    actor: Option<Uuid>,
+) -> bool {
+    use crate::direct_insert::{insert_rows, Row};
+    let Some((metadata, secrets, audit_log)) = crate::lookup::key_tables() else {
+        return false;
+    };
+    let datum = |v: Option<pg_sys::Datum>| v;
+    let timestamp = |micros: i64| Some(pg_sys::Datum::from(micros));
+    let metadata_values = [
+        (c"id", row.id.into_datum()),
+        (c"user_id", row.user_id.into_datum()),
+        (
+            c"scope_id",
+            datum(row.scope_id.and_then(IntoDatum::into_datum)),
+        ),
+        (
+            c"description",
+            datum(row.description.and_then(IntoDatum::into_datum)),
+        ),
+        (c"prefix", row.prefix.into_datum()),
+        (c"created_at", timestamp(row.created_at)),
+        (c"last_used_at", None),
+        (c"expires_at", timestamp(row.expires_at)),
+        (c"is_revoked", Some(pg_sys::Datum::from(false))),
+        (c"claims", Some(jsonb(row.claims))),
+        (c"revoked_at", None),
+    ];
+    let secret_values = [
+        (c"key_metadata_id", row.id.into_datum()),
+        (c"key_hash", key_hash.into_datum()),
+    ];
+    let audit_values = [
+        (c"id", audit_id.into_datum()),
+        (c"timestamp", timestamp(row.created_at)),
+        (c"action", "INSERT".into_datum()),
+        (c"table_name", "api_key_metadata".into_datum()),
+        (c"data", Some(jsonb(audit))),
+        (c"user_id", datum(actor.and_then(IntoDatum::into_datum))),
+        (
+            c"function_name",
+            datum(crate::audit::current_function().and_then(IntoDatum::into_datum)),
+        ),
+    ];
+    // SAFETY: keyhippo's own tables, from its SECURITY DEFINER functions (create, rotate),
+    // inside the calling statement's transaction and snapshot.
+    unsafe {
+        insert_rows(&[
+            Row {
+                table: metadata,
+                values: &metadata_values,
+            },
+            Row {
+                table: secrets,
+                values: &secret_values,
+            },
+            Row {
+                table: audit_log,
+                values: &audit_values,
+            },
+        ])
+    }
+}
+
+unsafe extern "C-unwind" {
+    /// Postgres' jsonb input function, called directly (pgrx's binding is a Rust wrapper).
+    #[link_name = "jsonb_in"]
+    fn jsonb_in_v1(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+}
+
+/// A jsonb datum from JSON text (raises 22P02 for malformed JSON, as a cast would).
+fn jsonb(text: &str) -> pg_sys::Datum {
+    let text = std::ffi::CString::new(text).unwrap_or_default();
+    // SAFETY: jsonb_in reads the NUL-terminated text and returns a palloc'd jsonb.
+    unsafe {
+        pg_sys::DirectFunctionCall1Coll(
+            Some(jsonb_in_v1),
+            pg_sys::InvalidOid,
+            pg_sys::Datum::from(text.as_ptr()),
+        )
+    }
+}
+
+/// The values of a new key row (timestamps as TimestampTz microseconds).
+struct KeyRowValues<'a> {
+    id: Uuid,
+    user_id: Uuid,
+    scope_id: Option<Uuid>,
+    description: Option<&'a str>,
+    prefix: &'a str,
+    /// JSON text.
+    claims: &'a str,
+    created_at: i64,
+    expires_at: i64,
+}
+
+unsafe extern "C-unwind" {
+    /// Postgres' `timestamptz + interval`, called directly (pgrx's binding is a Rust wrapper).
+    #[link_name = "timestamptz_pl_interval"]
+    fn timestamptz_pl_interval_v1(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+}
+
+/// The column default of `expires_at`: `now() + interval '100 years'`, computed as Postgres
+/// computes it (months are added in the session's time zone).
+fn default_expiry(now: i64) -> i64 {
+    let mut hundred_years = pg_sys::Interval {
+        time: 0,
+        day: 0,
+        month: 1200,
+    };
+    // SAFETY: a built-in function called with a TimestampTz and a pointer to an Interval that
+    // outlives the call; the result is a by-value TimestampTz.
+    unsafe {
+        let sum = pg_sys::DirectFunctionCall2Coll(
+            Some(timestamptz_pl_interval_v1),
+            pg_sys::InvalidOid,
+            pg_sys::Datum::from(now),
+            pg_sys::Datum::from(std::ptr::addr_of_mut!(hundred_years)),
+        );
+        sum.value() as i64
+    }
+}
+
+/// A TimestampTz as `to_jsonb` renders it (ISO 8601 in the session's time zone).
+fn json_timestamp(micros: i64) -> String {
+    // SAFETY: JsonEncodeDateTime with a NULL buffer pallocs the text it returns.
+    unsafe {
+        let text = pg_sys::JsonEncodeDateTime(
+            std::ptr::null_mut(),
+            pg_sys::Datum::from(micros),
+            pg_sys::TIMESTAMPTZOID,
+            std::ptr::null(),
+        );
+        let rendered = std::ffi::CStr::from_ptr(text)
+            .to_string_lossy()
+            .into_owned();
+        pg_sys::pfree(text.cast());
+        rendered
+    }
+}
+
+/// `{"new_data": <the new key row>}`, exactly as the audit trigger writes it for a row
+/// inserted some other way (`to_jsonb` of the row; tested in tests/pg_regress/sql/audit.sql).
+fn audit_json(row: &KeyRowValues<'_>) -> String {
+    use serde_json::to_string as quoted;
+    let uuid = |u: &Uuid| format!("\"{}\"", keyhippo_core::uuid::hyphenated(u.as_bytes()));
+    format!(
+        "{{\"new_data\": {{\"id\": {id}, \"user_id\": {user}, \"scope_id\": {scope}, \
+         \"description\": {description}, \"prefix\": {prefix}, \"created_at\": \"{created}\", \
+         \"last_used_at\": null, \"expires_at\": \"{expires}\", \"is_revoked\": false, \
+         \"claims\": {claims}, \"revoked_at\": null}}}}",
+        id = uuid(&row.id),
+        user = uuid(&row.user_id),
+        scope = row.scope_id.as_ref().map_or("null".into(), uuid),
+        description = row
+            .description
+            .map_or("null".into(), |d| quoted(d).unwrap_or_default()),
+        prefix = quoted(row.prefix).unwrap_or_default(),
+        created = json_timestamp(row.created_at),
+        expires = json_timestamp(row.expires_at),
+        claims = row.claims,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

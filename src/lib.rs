@@ -25,8 +25,10 @@ macro_rules! v1_function_info {
 mod audit;
 mod cache;
 mod context;
+mod direct_insert;
 mod elevate;
 mod error;
+mod expiry;
 mod impersonation;
 mod jwt_keys;
 mod keys;

@@ -30,6 +30,7 @@ struct Rels {
     prefix_index: pg_sys::Oid,
     secrets: pg_sys::Oid,
     secrets_pkey: pg_sys::Oid,
+    audit_log: pg_sys::Oid,
     /// Attribute numbers of id, user_id, scope_id, last_used_at, expires_at, is_revoked.
     metadata_atts: [i16; 6],
     /// Attribute number of key_hash.
@@ -71,6 +72,7 @@ unsafe fn rels() -> Option<Rels> {
             prefix_index: relid(c"api_key_metadata_prefix_key", namespace),
             secrets,
             secrets_pkey: relid(c"api_key_secrets_pkey", namespace),
+            audit_log: relid(c"audit_log", namespace),
             metadata_atts: [
                 att(metadata, c"id"),
                 att(metadata, c"user_id"),
@@ -91,6 +93,19 @@ unsafe fn rels() -> Option<Rels> {
         }
         RELS.with(|r| r.set(Some(rels)));
         Some(rels)
+    }
+}
+
+/// keyhippo.api_key_metadata, api_key_secrets and audit_log, when installed.
+pub fn key_tables() -> Option<(pg_sys::Oid, pg_sys::Oid, pg_sys::Oid)> {
+    // SAFETY: catalog lookups inside a transaction.
+    unsafe {
+        let rels = rels()?;
+        (rels.audit_log != pg_sys::InvalidOid).then_some((
+            rels.metadata,
+            rels.secrets,
+            rels.audit_log,
+        ))
     }
 }
 

@@ -1,6 +1,20 @@
 //! Strict parsing of textual UUIDs, as found in a JWT's `sub` claim, and time-ordered UUIDs
 //! (version 7) for new rows.
 
+/// The canonical lower-case `8-4-4-4-12` text of a UUID (what Postgres prints).
+pub fn hyphenated(bytes: &[u8; 16]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(36);
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0x0f)] as char);
+    }
+    out
+}
+
 /// Parses a canonical UUID (`8-4-4-4-12` hex digits, any case). Anything else is None: a
 /// subject that is not a UUID identifies nobody.
 pub fn parse(s: &str) -> Option<[u8; 16]> {
@@ -58,7 +72,7 @@ pub fn new_v7() -> [u8; 16] {
 
 #[cfg(test)]
 mod tests {
-    use super::{new_v7, parse, v7};
+    use super::{hyphenated, new_v7, parse, v7};
 
     #[test]
     fn v7_layout_time_version_variant() {
@@ -109,5 +123,17 @@ mod tests {
         ] {
             assert!(parse(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn hyphenated_round_trips_through_parse() {
+        let text = "01a2080c-9f57-70cc-a19b-6299585778e4";
+        let bytes = parse(text).expect("valid");
+        assert_eq!(hyphenated(&bytes), text);
+        assert_eq!(
+            hyphenated(&[0xff; 16]),
+            "ffffffff-ffff-ffff-ffff-ffffffffffff"
+        );
+        assert_eq!(hyphenated(&[0; 16]), "00000000-0000-0000-0000-000000000000");
     }
 }

@@ -1,0 +1,77 @@
+-- What create_api_key writes, on its direct write path (src/direct_insert.rs) and on the SQL
+-- statement it falls back to when the tables were altered: the same rows, the same audit row,
+-- the foreign keys and the triggers still enforced.
+\set ON_ERROR_STOP 0
+\set A '{"sub":"aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa","role":"authenticated"}'
+begin;
+insert into auth.users (id, email) values ('aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', 'a@example.com');
+create temp table issued (api_key text, id uuid);
+grant all on issued to authenticated;
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+insert into issued select * from keyhippo.create_api_key('direct path');
+insert into issued select * from keyhippo.create_api_key('scoped', 'default');
+reset role;
+
+\echo '--- one key row, one hash, one audit row each; the audit row is to_jsonb of the key row'
+select m.description, s.key_metadata_id is not null as has_hash, m.scope_id is not null as scoped,
+       m.created_at = now() as created_now, m.expires_at = now() + interval '100 years' as expires_default,
+       m.claims, m.is_revoked, m.revoked_at, m.last_used_at
+  from issued i join keyhippo.api_key_metadata m on m.id = i.id
+  left join keyhippo.api_key_secrets s on s.key_metadata_id = m.id
+ order by m.description;
+select count(*) as audit_rows, bool_and(a.data -> 'new_data' = to_jsonb(m)) as audit_is_row,
+       bool_and(a.user_id = m.user_id) as actor, min(a.function_name) as function_name
+  from issued i join keyhippo.api_key_metadata m on m.id = i.id
+  join keyhippo.audit_log a on a.action = 'INSERT' and a.table_name = 'api_key_metadata'
+                            and (a.data -> 'new_data' ->> 'id')::uuid = m.id;
+select count(*) as verified from issued i, keyhippo.verify_api_key(i.api_key);
+
+\echo '--- a hash without its key row is refused by the foreign key'
+savepoint orphan;
+insert into keyhippo.api_key_secrets (key_metadata_id, key_hash)
+values ('00000000-0000-4000-8000-000000000000', 'sha256$00');
+rollback to savepoint orphan;
+
+\echo '--- the auth.users foreign key is in place'
+savepoint no_user;
+insert into keyhippo.api_key_metadata (user_id, prefix) values ('bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb', 'kh_nouser');
+rollback to savepoint no_user;
+
+\echo '--- a user-defined trigger on the key table fires for keys created by create_api_key'
+create function pg_temp.seen() returns trigger language plpgsql as $$
+begin raise notice 'trigger saw a new key: %', new.description; return new; end $$;
+create trigger a_test_seen before insert on keyhippo.api_key_metadata
+    for each row execute function pg_temp.seen();
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+select api_key_id is not null as created from keyhippo.create_api_key('with trigger');
+reset role;
+drop trigger a_test_seen on keyhippo.api_key_metadata;
+
+\echo '--- a key expiring inside the notification window is reported once (Rust expiry trigger)'
+update keyhippo.api_key_metadata set expires_at = now() + interval '1 hour'
+ where description = 'direct path';
+update keyhippo.api_key_metadata set expires_at = now() + interval '2 hours'
+ where description = 'direct path';
+update keyhippo.api_key_metadata set expires_at = now() + interval '2 years'
+ where description = 'scoped';
+select count(*) as expiring_reports from keyhippo.audit_log where action = 'expiring_key';
+
+\echo '--- an altered table: create falls back to its SQL statement, with the same result'
+alter table keyhippo.api_key_metadata add column note text;
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+insert into issued select * from keyhippo.create_api_key('fallback path');
+reset role;
+select m.description, s.key_metadata_id is not null as has_hash, m.expires_at = now() + interval '100 years' as expires_default
+  from issued i join keyhippo.api_key_metadata m on m.id = i.id
+  join keyhippo.api_key_secrets s on s.key_metadata_id = m.id
+ where m.description = 'fallback path';
+select count(*) as audit_rows, bool_and(a.data -> 'new_data' = to_jsonb(m) - 'note') as audit_is_row
+  from keyhippo.api_key_metadata m
+  join keyhippo.audit_log a on a.action = 'INSERT' and a.table_name = 'api_key_metadata'
+                            and (a.data -> 'new_data' ->> 'id')::uuid = m.id
+ where m.description = 'fallback path';
+select count(*) as verified from issued i, keyhippo.verify_api_key(i.api_key) where i.api_key is not null;
+rollback;
