@@ -27,6 +27,24 @@ select count(*) as audit_rows, bool_and(a.data -> 'new_data' = to_jsonb(m)) as a
                             and (a.data -> 'new_data' ->> 'id')::uuid = m.id;
 select count(*) as verified from issued i, keyhippo.verify_api_key(i.api_key);
 
+\echo '--- in another time zone, and for a rotated key carrying claims, the audit row is still to_jsonb of the row'
+set local timezone = 'America/New_York';
+select keyhippo.update_key_claims(id, '{"tier": "gold", "n": [1, 2.5, null], "nested": {"a": true}}')
+  from issued where id = (select id from keyhippo.api_key_metadata where description = 'direct path');
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+insert into issued select * from keyhippo.rotate_api_key((select id from keyhippo.api_key_metadata where description = 'direct path' and not is_revoked));
+insert into issued select * from keyhippo.create_api_key('new york');
+reset role;
+select m.description, m.claims, a.data -> 'new_data' = to_jsonb(m) as audit_is_row,
+       a.data -> 'new_data' ->> 'created_at' like '%-05:00' as local_time
+  from keyhippo.api_key_metadata m
+  join keyhippo.audit_log a on a.action = 'INSERT' and a.table_name = 'api_key_metadata'
+                            and (a.data -> 'new_data' ->> 'id')::uuid = m.id
+ where m.id in (select id from issued) and not m.is_revoked and m.description in ('direct path', 'new york')
+ order by m.description;
+reset timezone;
+
 \echo '--- a hash without its key row is refused by the foreign key'
 savepoint orphan;
 insert into keyhippo.api_key_secrets (key_metadata_id, key_hash)
@@ -51,9 +69,9 @@ drop trigger a_test_seen on keyhippo.api_key_metadata;
 
 \echo '--- a key expiring inside the notification window is reported once (Rust expiry trigger)'
 update keyhippo.api_key_metadata set expires_at = now() + interval '1 hour'
- where description = 'direct path';
+ where description = 'new york';
 update keyhippo.api_key_metadata set expires_at = now() + interval '2 hours'
- where description = 'direct path';
+ where description = 'new york';
 update keyhippo.api_key_metadata set expires_at = now() + interval '2 years'
  where description = 'scoped';
 select count(*) as expiring_reports from keyhippo.audit_log where action = 'expiring_key';
