@@ -126,10 +126,14 @@ COMMENT ON COLUMN keyhippo.api_key_metadata.revoked_at IS
     'When the key was revoked; set together with is_revoked';
 
 -- The only place a key's hash lives. No grants to anon, authenticated or service_role.
+-- The primary key INCLUDEs key_hash, so verify reads the hash from the index alone (as an
+-- index-only scan would) wherever VACUUM has marked the heap page all-visible: one page less
+-- per verify. Hashes are never updated, only inserted and deleted.
 CREATE TABLE keyhippo.api_key_secrets (
-    key_metadata_id uuid PRIMARY KEY
+    key_metadata_id uuid
         REFERENCES keyhippo.api_key_metadata (id) ON DELETE CASCADE,
-    key_hash text NOT NULL
+    key_hash text NOT NULL,
+    CONSTRAINT api_key_secrets_pkey PRIMARY KEY (key_metadata_id) INCLUDE (key_hash)
 );
 COMMENT ON COLUMN keyhippo.api_key_secrets.key_hash IS
     '<algorithm>$<hex digest> of the whole key, e.g. sha256$...';

@@ -50,6 +50,20 @@ q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >/dev/null
 wait
 check "verify in another backend: before revoke, after revoke" "1 0" "$(grep -v '^$' "$WORK/verifier" | tr '\n' ' ' | sed 's/ $//')"
 
+# 2b. The same after VACUUM, when verify reads the hash from the primary key's INCLUDE column
+#     (index-only): the revoking transaction deletes the heap row, which clears the page's
+#     all-visible bit, so the next verify goes to the heap and finds nothing.
+read -r key id <<<"$(new_key index_only)"
+q -c "VACUUM (FREEZE) keyhippo.api_key_secrets" >/dev/null
+check "hash pages all-visible after VACUUM" "t" \
+    "$(q -c "SELECT pg_catalog.pg_relation_size('keyhippo.api_key_secrets') > 0 AND (SELECT relallvisible FROM pg_class WHERE oid = 'keyhippo.api_key_secrets'::regclass) = (SELECT relpages FROM pg_class WHERE oid = 'keyhippo.api_key_secrets'::regclass)")"
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "SELECT pg_sleep(1.5)" \
+  -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >"$WORK/verifier_io" &
+sleep 0.5
+q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >/dev/null
+wait
+check "index-only hash read: before revoke, after revoke" "1 0" "$(grep -v '^$' "$WORK/verifier_io" | tr '\n' ' ' | sed 's/ $//')"
+
 # 3. Four connections create 200 keys each at the same time: 800 distinct keys, all verify.
 for i in 1 2 3 4; do
     q -c "$as_a" -c "SELECT api_key FROM generate_series(1, 200) n, keyhippo.create_api_key('parallel ' || n)" \
