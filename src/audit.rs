@@ -151,20 +151,33 @@ pub unsafe extern "C-unwind" fn keyhippo_audit_change(
 ) -> pg_sys::Datum {
     // SAFETY: called by the trigger manager through the V1 convention.
     unsafe {
-        let td = (*fcinfo).context as *mut pg_sys::TriggerData;
-        if td.is_null() || (*td).type_ != pg_sys::NodeTag::T_TriggerData {
-            or_raise::<()>(Err(KeyhippoError::InvalidArgument(
-                "keyhippo: audit_change() must be called as a trigger".into(),
-            )));
-        }
+        let td = row_trigger_data(fcinfo, "audit_change()");
         let event = (*td).tg_event;
-        if event & pg_sys::TRIGGER_EVENT_ROW == 0 {
-            or_raise::<()>(Err(KeyhippoError::InvalidArgument(
-                "keyhippo: audit_change() must be a FOR EACH ROW trigger".into(),
-            )));
-        }
         or_raise(audit(td, event & pg_sys::TRIGGER_EVENT_OPMASK));
         pg_sys::Datum::from(0)
+    }
+}
+
+/// The trigger data of a call of a keyhippo C trigger function `name`; raises 22023 unless it is
+/// called by the trigger manager as a FOR EACH ROW trigger.
+///
+/// # Safety
+/// `fcinfo` must be the V1 call information of that function.
+pub(crate) unsafe fn row_trigger_data(
+    fcinfo: pg_sys::FunctionCallInfo,
+    name: &str,
+) -> *mut pg_sys::TriggerData {
+    unsafe {
+        let td = (*fcinfo).context as *mut pg_sys::TriggerData;
+        if td.is_null()
+            || (*td).type_ != pg_sys::NodeTag::T_TriggerData
+            || (*td).tg_event & pg_sys::TRIGGER_EVENT_ROW == 0
+        {
+            or_raise::<()>(Err(KeyhippoError::InvalidArgument(format!(
+                "keyhippo: {name} must be called as a FOR EACH ROW trigger"
+            ))));
+        }
+        td
     }
 }
 

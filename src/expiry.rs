@@ -11,7 +11,7 @@
 use pgrx::pg_sys;
 use pgrx::FromDatum;
 
-use crate::error::{or_raise, KeyhippoError, Result};
+use crate::error::{or_raise, Result};
 use crate::plans::{types, Plan};
 
 /// The widest notification window (`key_expiry_notification_hours` is capped at a year): keys
@@ -38,15 +38,7 @@ pub unsafe extern "C-unwind" fn keyhippo_notify_expiring_key(
 ) -> pg_sys::Datum {
     // SAFETY: called by the trigger manager through the V1 convention.
     unsafe {
-        let td = (*fcinfo).context as *mut pg_sys::TriggerData;
-        if td.is_null()
-            || (*td).type_ != pg_sys::NodeTag::T_TriggerData
-            || (*td).tg_event & pg_sys::TRIGGER_EVENT_ROW == 0
-        {
-            or_raise::<()>(Err(KeyhippoError::InvalidArgument(
-                "keyhippo: notify_expiring_key() must be a FOR EACH ROW trigger".into(),
-            )));
-        }
+        let td = crate::audit::row_trigger_data(fcinfo, "notify_expiring_key()");
         or_raise(check(td));
         pg_sys::Datum::from(0)
     }

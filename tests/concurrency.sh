@@ -42,13 +42,18 @@ check "revoked key no longer verifies" 0 "$(q -c "SELECT count(*) FROM keyhippo.
 
 # 2. A revocation committed in one backend is seen by the very next verify of another backend
 #    that has verified (and so prepared its plan for) the same key before.
+# Prints what one backend's verify of key $1 answers before and after another backend revokes
+# it (id $2) in between.
+verify_around_revoke() {
+    q -c "SELECT count(*) FROM keyhippo.verify_api_key('$1')" -c "SELECT pg_sleep(1.5)" \
+      -c "SELECT count(*) FROM keyhippo.verify_api_key('$1')" >"$WORK/verifier" &
+    sleep 0.5
+    q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$2')" >/dev/null
+    wait
+    grep -v '^$' "$WORK/verifier" | tr '\n' ' ' | sed 's/ $//'
+}
 read -r key id <<<"$(new_key visibility)"
-q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "SELECT pg_sleep(1.5)" \
-  -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >"$WORK/verifier" &
-sleep 0.5
-q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >/dev/null
-wait
-check "verify in another backend: before revoke, after revoke" "1 0" "$(grep -v '^$' "$WORK/verifier" | tr '\n' ' ' | sed 's/ $//')"
+check "verify in another backend: before revoke, after revoke" "1 0" "$(verify_around_revoke "$key" "$id")"
 
 # 2b. The same after VACUUM, when verify reads the hash from the primary key's INCLUDE column
 #     (index-only): the revoking transaction deletes the heap row, which clears the page's
@@ -57,12 +62,7 @@ read -r key id <<<"$(new_key index_only)"
 q -c "VACUUM (FREEZE) keyhippo.api_key_secrets" >/dev/null
 check "hash pages all-visible after VACUUM" "t" \
     "$(q -c "SELECT pg_catalog.pg_relation_size('keyhippo.api_key_secrets') > 0 AND (SELECT relallvisible FROM pg_class WHERE oid = 'keyhippo.api_key_secrets'::regclass) = (SELECT relpages FROM pg_class WHERE oid = 'keyhippo.api_key_secrets'::regclass)")"
-q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "SELECT pg_sleep(1.5)" \
-  -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >"$WORK/verifier_io" &
-sleep 0.5
-q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >/dev/null
-wait
-check "index-only hash read: before revoke, after revoke" "1 0" "$(grep -v '^$' "$WORK/verifier_io" | tr '\n' ' ' | sed 's/ $//')"
+check "index-only hash read: before revoke, after revoke" "1 0" "$(verify_around_revoke "$key" "$id")"
 
 # 3. Four connections create 200 keys each at the same time: 800 distinct keys, all verify.
 for i in 1 2 3 4; do
