@@ -181,6 +181,22 @@ pub(crate) unsafe fn row_trigger_data(
     }
 }
 
+/// Column `att` of a trigger's row.
+///
+/// # Safety
+/// `tuple` must be a row of a relation described by `desc`.
+pub(crate) unsafe fn column<T: pgrx::FromDatum>(
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+    att: i16,
+) -> Option<T> {
+    unsafe {
+        let mut isnull = false;
+        let datum = pg_sys::heap_getattr(tuple, att as i32, desc, &mut isnull);
+        T::from_datum(datum, isnull)
+    }
+}
+
 unsafe fn audit(td: *mut pg_sys::TriggerData, op: u32) -> Result<()> {
     unsafe {
         let rel = (*td).tg_relation;
@@ -199,9 +215,7 @@ unsafe fn audit(td: *mut pg_sys::TriggerData, op: u32) -> Result<()> {
         if action == "INSERT" && table == "api_key_metadata" {
             if let Some(skip) = SELF_AUDITED.with(|c| c.get()) {
                 let id_att = pg_sys::get_attnum((*rel).rd_id, c"id".as_ptr());
-                let mut isnull = false;
-                let id = pg_sys::heap_getattr((*td).tg_trigtuple, id_att as i32, desc, &mut isnull);
-                let id = <pgrx::Uuid as pgrx::FromDatum>::from_datum(id, isnull);
+                let id = column::<pgrx::Uuid>((*td).tg_trigtuple, desc, id_att);
                 if id.is_some_and(|id| *id.as_bytes() == skip) {
                     return Ok(());
                 }

@@ -9,7 +9,6 @@
 //! and reports the key.
 
 use pgrx::pg_sys;
-use pgrx::FromDatum;
 
 use crate::error::{or_raise, Result};
 use crate::plans::{types, Plan};
@@ -44,18 +43,6 @@ pub unsafe extern "C-unwind" fn keyhippo_notify_expiring_key(
     }
 }
 
-unsafe fn column<T: FromDatum>(
-    tuple: pg_sys::HeapTuple,
-    desc: pg_sys::TupleDesc,
-    att: i16,
-) -> Option<T> {
-    unsafe {
-        let mut isnull = false;
-        let datum = pg_sys::heap_getattr(tuple, att as i32, desc, &mut isnull);
-        T::from_datum(datum, isnull)
-    }
-}
-
 unsafe fn check(td: *mut pg_sys::TriggerData) -> Result<()> {
     unsafe {
         let rel = (*td).tg_relation;
@@ -69,7 +56,7 @@ unsafe fn check(td: *mut pg_sys::TriggerData) -> Result<()> {
             _ => return Ok(()),
         };
         let expires_att = att(c"expires_at");
-        let Some(expires_at) = column::<i64>(new, desc, expires_att) else {
+        let Some(expires_at) = crate::audit::column::<i64>(new, desc, expires_att) else {
             return Ok(());
         };
         let now = crate::lookup::now();
@@ -78,7 +65,7 @@ unsafe fn check(td: *mut pg_sys::TriggerData) -> Result<()> {
         }
         let old_expires_at = match old {
             Some(old) => {
-                let previous = column::<i64>(old, desc, expires_att);
+                let previous = crate::audit::column::<i64>(old, desc, expires_att);
                 if previous == Some(expires_at) {
                     return Ok(());
                 }
@@ -86,12 +73,12 @@ unsafe fn check(td: *mut pg_sys::TriggerData) -> Result<()> {
             }
             None => None,
         };
-        if column::<bool>(new, desc, att(c"is_revoked")).unwrap_or(false) {
+        if crate::audit::column::<bool>(new, desc, att(c"is_revoked")).unwrap_or(false) {
             return Ok(());
         }
-        let id = column::<pgrx::Uuid>(new, desc, att(c"id"));
-        let user_id = column::<pgrx::Uuid>(new, desc, att(c"user_id"));
-        let description = column::<String>(new, desc, att(c"description"));
+        let id = crate::audit::column::<pgrx::Uuid>(new, desc, att(c"id"));
+        let user_id = crate::audit::column::<pgrx::Uuid>(new, desc, att(c"user_id"));
+        let description = crate::audit::column::<String>(new, desc, att(c"description"));
         let timestamp = |micros: i64| pgrx::datum::TimestampWithTimeZone::try_from(micros).ok();
         crate::elevate::as_owner(|| {
             pgrx::spi::Spi::connect_mut(|client| {

@@ -4,6 +4,7 @@
 //! can see) with `search_path` pinned to `pg_catalog, pg_temp`, and every statement below names
 //! its objects with their schema.
 
+use pgrx::datum::DatumWithOid;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::{JsonB, Uuid};
@@ -36,19 +37,19 @@ const SCOPE_ID: Plan = Plan {
     mutating: false,
 };
 
-/// A key row, its hash and the key row's audit row, in one statement. The audit row is what the
-/// audit trigger would write (it skips this row: see `audit::self_audited`), built in Rust from
-/// the values inserted (`audit_json`), so the statement needs no `RETURNING` row, no
-/// `to_jsonb` and no projection between its parts. The foreign key of the hash to the key row
-/// is checked at the end of the statement, when both are in.
+/// A key row, its hash and the key row's audit row, in one statement: what `create` falls back
+/// to when `direct_insert` cannot be used. The audit row is what the audit trigger would write
+/// (it skips this row: see `audit::self_audited`), built in Rust from the values inserted
+/// (`audit_jsonb`), so the statement needs no `RETURNING` row and no `to_jsonb`. The foreign
+/// key of the hash to the key row is checked at the end of the statement, when both are in.
 const INSERT_KEY: Plan = Plan {
     sql: "WITH m AS ( \
             INSERT INTO keyhippo.api_key_metadata \
                 (id, user_id, scope_id, description, prefix, claims, created_at, expires_at) \
-            VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)), \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)), \
           a AS ( \
             INSERT INTO keyhippo.audit_log (id, action, table_name, data, user_id, function_name) \
-            VALUES ($9, 'INSERT', 'api_key_metadata', $10::jsonb, $11, $12)) \
+            VALUES ($9, 'INSERT', 'api_key_metadata', $10, $11, $12)) \
           INSERT INTO keyhippo.api_key_secrets (key_metadata_id, key_hash) VALUES ($1, $13)",
     args: &[
         types::UUID,
@@ -56,11 +57,11 @@ const INSERT_KEY: Plan = Plan {
         types::UUID,
         types::TEXT,
         types::TEXT,
-        types::TEXT,
+        types::JSONB,
         types::TIMESTAMPTZ,
         types::TIMESTAMPTZ,
         types::UUID,
-        types::TEXT,
+        types::JSONB,
         types::UUID,
         types::TEXT,
         types::TEXT,
@@ -220,17 +221,20 @@ fn insert_key(
         scope_id: key.scope_id,
         description: key.description,
         prefix: &new_key.prefix,
-        claims: &claims,
+        claims: jsonb(&claims),
         created_at,
         expires_at,
     };
+    // SAFETY: `row.claims` is a jsonb datum.
+    let audit = unsafe { audit_jsonb(&row) };
     let audit_id = Uuid::from_bytes(keyhippo_core::uuid::new_v7());
     let _audited = crate::audit::self_audited(*id.as_bytes());
-    if insert_key_rows(&row, &key_hash, audit_id, actor) {
+    if insert_key_rows(&row, &key_hash, audit_id, audit, actor) {
         return Ok((new_key.key, id));
     }
-    let audit = audit_json(&row);
     let timestamp = |micros: i64| TimestampWithTimeZone::try_from(micros).ok();
+    // SAFETY: both are jsonb datums.
+    let as_jsonb = |datum: pg_sys::Datum| unsafe { DatumWithOid::new(datum, pg_sys::JSONBOID) };
     INSERT_KEY.run(
         client,
         &[
@@ -239,11 +243,11 @@ fn insert_key(
             key.scope_id.into(),
             key.description.into(),
             new_key.prefix.as_str().into(),
-            claims.as_str().into(),
+            as_jsonb(row.claims),
             timestamp(created_at).into(),
             timestamp(expires_at).into(),
             audit_id.into(),
-            audit.as_str().into(),
+            as_jsonb(audit),
             actor.into(),
             crate::audit::current_function().into(),
             key_hash.as_str().into(),
@@ -259,34 +263,28 @@ fn insert_key_rows(
     row: &KeyRowValues<'_>,
     key_hash: &str,
     audit_id: Uuid,
+    audit: pg_sys::Datum,
     actor: Option<Uuid>,
 ) -> bool {
     use crate::direct_insert::{insert_rows, Row};
     let Some((metadata, secrets, audit_log)) = crate::lookup::key_tables() else {
         return false;
     };
-    let datum = |v: Option<pg_sys::Datum>| v;
-    let claims = jsonb(row.claims);
-    // SAFETY: `claims` is the jsonb datum just made.
-    let audit = unsafe { audit_jsonb(row, claims) };
     let timestamp = |micros: i64| Some(pg_sys::Datum::from(micros));
     let metadata_values = [
         (c"id", row.id.into_datum()),
         (c"user_id", row.user_id.into_datum()),
-        (
-            c"scope_id",
-            datum(row.scope_id.and_then(IntoDatum::into_datum)),
-        ),
+        (c"scope_id", row.scope_id.and_then(IntoDatum::into_datum)),
         (
             c"description",
-            datum(row.description.and_then(IntoDatum::into_datum)),
+            row.description.and_then(IntoDatum::into_datum),
         ),
         (c"prefix", row.prefix.into_datum()),
         (c"created_at", timestamp(row.created_at)),
         (c"last_used_at", None),
         (c"expires_at", timestamp(row.expires_at)),
         (c"is_revoked", Some(pg_sys::Datum::from(false))),
-        (c"claims", Some(claims)),
+        (c"claims", Some(row.claims)),
         (c"revoked_at", None),
     ];
     let secret_values = [
@@ -299,10 +297,10 @@ fn insert_key_rows(
         (c"action", "INSERT".into_datum()),
         (c"table_name", "api_key_metadata".into_datum()),
         (c"data", Some(audit)),
-        (c"user_id", datum(actor.and_then(IntoDatum::into_datum))),
+        (c"user_id", actor.and_then(IntoDatum::into_datum)),
         (
             c"function_name",
-            datum(crate::audit::current_function().and_then(IntoDatum::into_datum)),
+            crate::audit::current_function().and_then(IntoDatum::into_datum),
         ),
     ];
     // SAFETY: keyhippo's own tables, from its SECURITY DEFINER functions (create, rotate),
@@ -351,8 +349,8 @@ struct KeyRowValues<'a> {
     scope_id: Option<Uuid>,
     description: Option<&'a str>,
     prefix: &'a str,
-    /// JSON text.
-    claims: &'a str,
+    /// A jsonb datum.
+    claims: pg_sys::Datum,
     created_at: i64,
     expires_at: i64,
 }
@@ -402,36 +400,15 @@ fn json_timestamp(micros: i64) -> String {
     }
 }
 
-/// `{"new_data": <the new key row>}`, exactly as the audit trigger writes it for a row
-/// inserted some other way (`to_jsonb` of the row; tested in tests/pg_regress/sql/audit.sql).
-fn audit_json(row: &KeyRowValues<'_>) -> String {
-    use serde_json::to_string as quoted;
-    let uuid = |u: &Uuid| format!("\"{}\"", keyhippo_core::uuid::hyphenated(u.as_bytes()));
-    format!(
-        "{{\"new_data\": {{\"id\": {id}, \"user_id\": {user}, \"scope_id\": {scope}, \
-         \"description\": {description}, \"prefix\": {prefix}, \"created_at\": \"{created}\", \
-         \"last_used_at\": null, \"expires_at\": \"{expires}\", \"is_revoked\": false, \
-         \"claims\": {claims}, \"revoked_at\": null}}}}",
-        id = uuid(&row.id),
-        user = uuid(&row.user_id),
-        scope = row.scope_id.as_ref().map_or("null".into(), uuid),
-        description = row
-            .description
-            .map_or("null".into(), |d| quoted(d).unwrap_or_default()),
-        prefix = quoted(row.prefix).unwrap_or_default(),
-        created = json_timestamp(row.created_at),
-        expires = json_timestamp(row.expires_at),
-        claims = row.claims,
-    )
-}
-
-/// `audit_json` as a jsonb datum, built with Postgres' jsonb builder instead of its JSON parser
-/// (which cost a tenth of a create): the same value, since jsonb orders keys itself and the
-/// timestamps are rendered by the same function `to_jsonb` uses.
+/// `{"new_data": <the new key row>}` as jsonb, exactly as the audit trigger writes it for a row
+/// inserted some other way (`to_jsonb` of the row; tested in
+/// tests/pg_regress/sql/create_write_path.sql). Built with Postgres' jsonb builder rather than
+/// its JSON parser (which cost a tenth of a create); the timestamps are rendered by the function
+/// `to_jsonb` uses.
 ///
 /// # Safety
-/// `claims` must be a jsonb datum.
-unsafe fn audit_jsonb(row: &KeyRowValues<'_>, claims: pg_sys::Datum) -> pg_sys::Datum {
+/// `row.claims` must be a jsonb datum.
+unsafe fn audit_jsonb(row: &KeyRowValues<'_>) -> pg_sys::Datum {
     use pg_sys::jbvType::{jbvBinary, jbvBool, jbvNull, jbvString};
     use pg_sys::JsonbIteratorToken::{WJB_BEGIN_OBJECT, WJB_END_OBJECT, WJB_KEY, WJB_VALUE};
     unsafe {
@@ -472,7 +449,7 @@ unsafe fn audit_jsonb(row: &KeyRowValues<'_>, claims: pg_sys::Datum) -> pg_sys::
             push(state, WJB_KEY, Some(string(key)));
             push(state, WJB_VALUE, Some(value));
         };
-        let detoasted = pg_sys::pg_detoast_datum(claims.cast_mut_ptr()) as *mut pg_sys::Jsonb;
+        let detoasted = pg_sys::pg_detoast_datum(row.claims.cast_mut_ptr()) as *mut pg_sys::Jsonb;
         let mut claims_value: pg_sys::JsonbValue = std::mem::zeroed();
         claims_value.type_ = jbvBinary;
         claims_value.val.binary = pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_4 {

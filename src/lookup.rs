@@ -69,11 +69,13 @@ unsafe fn rels() -> Option<Rels> {
         }
         let att = |rel: pg_sys::Oid, name: &CStr| pg_sys::get_attnum(rel, name.as_ptr());
         let secrets = relid(c"api_key_secrets", namespace);
+        let secrets_pkey = relid(c"api_key_secrets_pkey", namespace);
+        let hash_att = att(secrets, c"key_hash");
         let rels = Rels {
             metadata,
             prefix_index: relid(c"api_key_metadata_prefix_key", namespace),
             secrets,
-            secrets_pkey: relid(c"api_key_secrets_pkey", namespace),
+            secrets_pkey,
             audit_log: relid(c"audit_log", namespace),
             metadata_atts: [
                 att(metadata, c"id"),
@@ -83,8 +85,10 @@ unsafe fn rels() -> Option<Rels> {
                 att(metadata, c"expires_at"),
                 att(metadata, c"is_revoked"),
             ],
-            hash_att: att(secrets, c"key_hash"),
-            hash_in_index: false,
+            hash_att,
+            hash_in_index: secrets_pkey != pg_sys::InvalidOid
+                && hash_att > 0
+                && hash_included(secrets_pkey, hash_att),
         };
         let all_found = rels.prefix_index != pg_sys::InvalidOid
             && rels.secrets != pg_sys::InvalidOid
@@ -94,8 +98,6 @@ unsafe fn rels() -> Option<Rels> {
         if !all_found {
             return None;
         }
-        let mut rels = rels;
-        rels.hash_in_index = hash_included(rels.secrets_pkey, rels.hash_att);
         RELS.with(|r| r.set(Some(rels)));
         Some(rels)
     }
