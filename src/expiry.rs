@@ -2,7 +2,7 @@
 //!
 //! In Rust, without a `WHEN` clause: Postgres parses a trigger's `WHEN` expression from its
 //! stored text and compiles it again for every statement that fires it, and `create_api_key`
-//! is one statement per key, so a `WHEN` clause cost about a tenth of every create. Here the
+//! is one statement per key, so a `WHEN` clause cost about 6% of every create. Here the
 //! common case (a key expiring more than a year from now, or an update that leaves `expires_at`
 //! alone) is two integer comparisons; only a key that may be in the window runs SQL
 //! (`keyhippo_internal.expiring_key_written`, sql/audit.sql), which reads the configured window
