@@ -17,6 +17,7 @@ use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, register_xact_callback, PgAtomic, PgXactCallbackEvent};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -36,6 +37,41 @@ struct Entry {
     epoch: u64,
 }
 
+/// A key's permissions: the names, and the `text[]` value verify returns, built once per cached
+/// set (building the array for every verify cost about 2,000 instructions).
+pub struct Permissions {
+    pub names: Vec<String>,
+    /// The flat array varlena, in 8-byte words so that it is aligned as PostgreSQL expects.
+    array: std::cell::OnceCell<Vec<u64>>,
+}
+
+impl Permissions {
+    pub fn new(names: Vec<String>) -> Rc<Permissions> {
+        Rc::new(Permissions {
+            names,
+            array: std::cell::OnceCell::new(),
+        })
+    }
+
+    /// The names as a `text[]` datum pointing into this value: valid while it lives, for a
+    /// caller that copies it (as `tuplestore_putvalues` does).
+    pub fn array_datum(&self) -> pg_sys::Datum {
+        let words = self.array.get_or_init(|| {
+            let datum = self.names.clone().into_datum().expect("an array");
+            // SAFETY: into_datum returned a flat (non-expanded) array varlena we own.
+            unsafe {
+                let ptr = datum.cast_mut_ptr::<pg_sys::varlena>();
+                let len = pgrx::varlena::varsize_any(ptr);
+                let mut words = vec![0u64; len.div_ceil(8)];
+                std::ptr::copy_nonoverlapping(ptr as *const u8, words.as_mut_ptr().cast(), len);
+                pg_sys::pfree(ptr.cast());
+                words
+            }
+        });
+        pg_sys::Datum::from(words.as_ptr())
+    }
+}
+
 /// Whose permissions: a scope's (scoped keys) or a user's RBAC permissions.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PermissionsOf {
@@ -44,7 +80,7 @@ pub enum PermissionsOf {
 }
 
 thread_local! {
-    static PERMISSIONS: RefCell<HashMap<PermissionsOf, (Vec<String>, u64)>> = RefCell::new(HashMap::new());
+    static PERMISSIONS: RefCell<HashMap<PermissionsOf, (Rc<Permissions>, u64)>> = RefCell::new(HashMap::new());
     static ENTRIES: RefCell<HashMap<String, Entry>> = RefCell::new(HashMap::new());
     /// Whether this backend's current transaction has announced a change.
     static CHANGING: Cell<bool> = const { Cell::new(false) };
@@ -153,7 +189,7 @@ pub fn store(
 }
 
 /// Cached permissions, if still valid.
-pub fn permissions(owner: &PermissionsOf) -> Option<Vec<String>> {
+pub fn permissions(owner: &PermissionsOf) -> Option<Rc<Permissions>> {
     if !enabled() {
         return None;
     }
@@ -167,7 +203,7 @@ pub fn permissions(owner: &PermissionsOf) -> Option<Vec<String>> {
 }
 
 /// Caches permissions read during a lookup that began at `before`, if nothing changed since.
-pub fn store_permissions(before: Option<u64>, owner: PermissionsOf, permissions: &[String]) {
+pub fn store_permissions(before: Option<u64>, owner: PermissionsOf, permissions: &Rc<Permissions>) {
     let Some(epoch) = unchanged_since(before) else {
         return;
     };
@@ -176,7 +212,7 @@ pub fn store_permissions(before: Option<u64>, owner: PermissionsOf, permissions:
         if p.len() >= MAX_ENTRIES {
             p.clear();
         }
-        p.insert(owner, (permissions.to_vec(), epoch));
+        p.insert(owner, (Rc::clone(permissions), epoch));
     });
 }
 

@@ -211,9 +211,9 @@ const KEY_DATA: Plan = Plan {
 
 /// The permissions of the current request: a key's (its scope's, or its owner's RBAC
 /// permissions), or the user's RBAC permissions.
-fn permissions_of(caller: &Caller) -> Result<Vec<String>> {
+fn permissions_of(caller: &Caller) -> Result<std::rc::Rc<crate::cache::Permissions>> {
     if let Some(key) = &caller.key {
-        return Ok(key.permissions.clone());
+        return Ok(std::rc::Rc::clone(&key.permissions));
     }
     let before = crate::cache::begin_lookup();
     Spi::connect(|client| crate::keys::permissions_of(client, before, caller.user_id, None))
@@ -231,7 +231,7 @@ fn jwt_user_role() -> Option<String> {
 /// RBAC roles, or a `user_role` claim in its JWT.
 pub fn has_permission(permission: &str) -> Result<bool> {
     if let Some(caller) = current_caller()? {
-        if permissions_of(&caller)?.iter().any(|p| p == permission) {
+        if permissions_of(&caller)?.names.iter().any(|p| p == permission) {
             return Ok(true);
         }
     }
@@ -279,7 +279,7 @@ fn current_user_context() -> TableIterator<
         let Some(caller) = current_caller()? else {
             return Ok(None);
         };
-        let permissions = permissions_of(&caller)?;
+        let permissions = permissions_of(&caller)?.names.clone();
         let scope_id = caller.key.as_ref().and_then(|k| k.scope_id);
         Ok(Some((Some(caller.user_id), scope_id, Some(permissions))))
     })());

@@ -607,10 +607,14 @@ pub unsafe extern "C-unwind" fn keyhippo_verify_api_key(
         }
         let per_query = (*(*rsinfo).econtext).ecxt_per_query_memory;
         let old = pg_sys::MemoryContextSwitchTo(per_query);
+        // The values point at memory of this frame and of `v`: tuplestore_putvalues copies them
+        // into the row it stores.
+        let user_id = *v.user_id.as_bytes();
+        let scope_id = v.scope_id.map(|s| *s.as_bytes()).unwrap_or([0; 16]);
         let mut values = [
-            v.user_id.into_datum().expect("a uuid"),
-            v.scope_id.into_datum().unwrap_or(pg_sys::Datum::from(0)),
-            v.permissions.into_datum().expect("an array"),
+            pg_sys::Datum::from(user_id.as_ptr()),
+            pg_sys::Datum::from(scope_id.as_ptr()),
+            v.permissions.array_datum(),
         ];
         let mut nulls = [false, v.scope_id.is_none(), false];
         let store = pg_sys::tuplestore_begin_heap(true, false, pg_sys::work_mem);
@@ -643,7 +647,7 @@ pub struct VerifiedKey {
     pub id: Uuid,
     pub user_id: Uuid,
     pub scope_id: Option<Uuid>,
-    pub permissions: Vec<String>,
+    pub permissions: std::rc::Rc<crate::cache::Permissions>,
 }
 
 /// The verify path shared by every caller: format and checksum first (no table touched for
@@ -738,7 +742,7 @@ pub(crate) fn permissions_of(
     before: Option<u64>,
     user_id: Uuid,
     scope_id: Option<Uuid>,
-) -> Result<Vec<String>> {
+) -> Result<std::rc::Rc<crate::cache::Permissions>> {
     let owner = permissions_owner(user_id, scope_id);
     if let Some(permissions) = crate::cache::permissions(&owner) {
         return Ok(permissions);
@@ -747,11 +751,12 @@ pub(crate) fn permissions_of(
         Some(scope) => (&SCOPE_PERMISSIONS, scope),
         None => (&context::USER_PERMISSIONS, user_id),
     };
-    let permissions = plan
-        .run(client, &[arg.into()])?
-        .first()
-        .get::<Vec<String>>(1)?
-        .unwrap_or_default();
+    let permissions = crate::cache::Permissions::new(
+        plan.run(client, &[arg.into()])?
+            .first()
+            .get::<Vec<String>>(1)?
+            .unwrap_or_default(),
+    );
     crate::cache::store_permissions(before, owner, &permissions);
     Ok(permissions)
 }

@@ -6,9 +6,13 @@
 //! snapshot a read-only SPI statement would use), with AccessShareLock held to the end of the
 //! transaction as the executor would. When the extension's tables or indexes cannot be found
 //! (a broken installation) it returns `Err(())` and verify raises an internal error.
+//!
+//! The probes call PostgreSQL through [`raw`], inside one `pg_guard_ffi_boundary` for the whole
+//! lookup rather than pgrx's guard around each of its ~30 calls (a `sigsetjmp` each, about 4,000
+//! instructions per verify in all). The relations are resolved once per backend and forgotten
+//! by a relation-cache invalidation callback (DROP / CREATE EXTENSION, ALTER TABLE ...).
 
 use pgrx::pg_sys;
-use pgrx::FromDatum;
 use std::cell::Cell;
 use std::ffi::CStr;
 
@@ -41,6 +45,73 @@ struct Rels {
 
 thread_local! {
     static RELS: Cell<Option<Rels>> = const { Cell::new(None) };
+    static CALLBACKS_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// PostgreSQL functions declared without pgrx's per-call guard. Called only inside one
+/// `pg_guard_ffi_boundary` that covers a whole sequence of them: an ERROR raised by any of them
+/// longjmps to that boundary and continues as a Rust panic from there, so the code in between
+/// must own nothing that needs dropping (plain values and raw pointers only, no allocations,
+/// no borrows of Rust cells), exactly like the closure pgrx itself puts around each call.
+mod raw {
+    use pgrx::pg_sys::*;
+    use std::ffi::{c_char, c_int};
+    unsafe extern "C-unwind" {
+        pub fn table_open(relation_id: Oid, lockmode: LOCKMODE) -> Relation;
+        pub fn table_close(relation: Relation, lockmode: LOCKMODE);
+        pub fn index_open(relation_id: Oid, lockmode: LOCKMODE) -> Relation;
+        pub fn index_close(relation: Relation, lockmode: LOCKMODE);
+        pub fn GetActiveSnapshot() -> Snapshot;
+        pub fn GetTransactionSnapshot() -> Snapshot;
+        pub fn ScanKeyEntryInitialize(
+            entry: ScanKey,
+            flags: c_int,
+            attribute_number: AttrNumber,
+            strategy: StrategyNumber,
+            subtype: Oid,
+            collation: Oid,
+            procedure: RegProcedure,
+            argument: Datum,
+        );
+        pub fn index_beginscan(
+            heap: Relation,
+            index: Relation,
+            snapshot: Snapshot,
+            nkeys: c_int,
+            norderbys: c_int,
+        ) -> IndexScanDesc;
+        pub fn index_rescan(
+            scan: IndexScanDesc,
+            keys: ScanKey,
+            nkeys: c_int,
+            orderbys: ScanKey,
+            norderbys: c_int,
+        );
+        pub fn index_getnext_tid(scan: IndexScanDesc, direction: ScanDirection::Type) -> ItemPointer;
+        pub fn index_fetch_heap(scan: IndexScanDesc, slot: *mut TupleTableSlot) -> bool;
+        pub fn index_getnext_slot(
+            scan: IndexScanDesc,
+            direction: ScanDirection::Type,
+            slot: *mut TupleTableSlot,
+        ) -> bool;
+        pub fn index_endscan(scan: IndexScanDesc);
+        pub fn table_slot_create(rel: Relation, reglist: *mut *mut List) -> *mut TupleTableSlot;
+        pub fn ExecDropSingleTupleTableSlot(slot: *mut TupleTableSlot);
+        pub fn slot_getsomeattrs_int(slot: *mut TupleTableSlot, attnum: c_int);
+        pub fn visibilitymap_get_status(rel: Relation, block: BlockNumber, vmbuf: *mut Buffer) -> u8;
+        pub fn index_deform_tuple(
+            tup: IndexTuple,
+            desc: TupleDesc,
+            values: *mut Datum,
+            isnull: *mut bool,
+        );
+        /// storage/predicate.h: what an index-only scan takes on a heap page it did not read,
+        /// so SERIALIZABLE transactions still see conflicts with writers.
+        pub fn PredicateLockPage(relation: Relation, block: BlockNumber, snapshot: Snapshot);
+        pub fn ReleaseBuffer(buffer: Buffer);
+        pub fn cstring_to_text_with_len(s: *const c_char, len: c_int) -> *mut text;
+        pub fn pg_detoast_datum_packed(datum: *mut varlena) -> *mut varlena;
+    }
 }
 
 unsafe fn relid(name: &CStr, namespace: pg_sys::Oid) -> pg_sys::Oid {
@@ -59,14 +130,55 @@ unsafe fn schema_table(schema: &CStr, table: &CStr) -> Option<(pg_sys::Oid, pg_s
     }
 }
 
-/// The relations and attribute numbers, resolved once per backend and re-resolved when the
-/// extension was dropped and created again (the metadata table's OID changes).
-unsafe fn rels() -> Option<Rels> {
+/// Relation-cache invalidation: forget what was resolved when one of those relations (or every
+/// relation) is invalidated. Runs inside PostgreSQL's invalidation processing: must not fail.
+unsafe extern "C-unwind" fn forget_relations(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let ours = |r: &Rels| {
+        [r.metadata, r.prefix_index, r.secrets, r.secrets_pkey, r.audit_log].contains(&relid)
+    };
+    if relid == pg_sys::InvalidOid || RELS.with(Cell::get).is_some_and(|r| ours(&r)) {
+        RELS.with(|r| r.set(None));
+    }
+    if relid == pg_sys::InvalidOid
+        || AUTH_USERS
+            .with(Cell::get)
+            .is_some_and(|a| a.table == relid || a.pkey == relid)
+    {
+        AUTH_USERS.with(|a| a.set(None));
+    }
+}
+
+/// Schema invalidation (a schema renamed or dropped): forget everything resolved by name.
+unsafe extern "C-unwind" fn forget_schemas(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    RELS.with(|r| r.set(None));
+    AUTH_USERS.with(|a| a.set(None));
+}
+
+/// Registers the invalidation callbacks, once per backend (PostgreSQL cannot unregister them).
+unsafe fn register_callbacks() {
+    if CALLBACKS_REGISTERED.with(Cell::get) {
+        return;
+    }
     unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(forget_relations), pg_sys::Datum::from(0));
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+            Some(forget_schemas),
+            pg_sys::Datum::from(0),
+        );
+    }
+    CALLBACKS_REGISTERED.with(|c| c.set(true));
+}
+
+/// The relations and attribute numbers, resolved once per backend and again after an
+/// invalidation of any of them (see [`forget_relations`]).
+unsafe fn rels() -> Option<Rels> {
+    if let Some(rels) = RELS.with(Cell::get) {
+        return Some(rels);
+    }
+    unsafe {
+        register_callbacks();
         let (namespace, metadata) = schema_table(c"keyhippo", c"api_key_metadata")?;
-        if let Some(rels) = RELS.with(Cell::get).filter(|r| r.metadata == metadata) {
-            return Some(rels);
-        }
         let att = |rel: pg_sys::Oid, name: &CStr| pg_sys::get_attnum(rel, name.as_ptr());
         let secrets = relid(c"api_key_secrets", namespace);
         let secrets_pkey = relid(c"api_key_secrets_pkey", namespace);
@@ -154,7 +266,11 @@ pub fn owner() -> Option<pg_sys::Oid> {
     }
 }
 
-/// An index scan for one equality key, under the active snapshot.
+const LOCK: pg_sys::LOCKMODE = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+const NO_LOCK: pg_sys::LOCKMODE = pg_sys::NoLock as pg_sys::LOCKMODE;
+const FORWARD: pg_sys::ScanDirection::Type = pg_sys::ScanDirection::ForwardScanDirection;
+
+/// An index scan for one equality key, under `snapshot`. Only inside the lookup's boundary.
 struct Probe {
     heap: pg_sys::Relation,
     index: pg_sys::Relation,
@@ -167,22 +283,18 @@ impl Probe {
     unsafe fn begin(
         table: pg_sys::Oid,
         index: pg_sys::Oid,
+        snapshot: pg_sys::Snapshot,
         eq_proc: u32,
         value: pg_sys::Datum,
         want_index_tuple: bool,
     ) -> Probe {
         unsafe {
-            let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-            let heap = pg_sys::table_open(table, lock);
-            let idx = pg_sys::index_open(index, lock);
-            let mut snapshot = pg_sys::GetActiveSnapshot();
-            if snapshot.is_null() {
-                snapshot = pg_sys::GetTransactionSnapshot();
-            }
+            let heap = raw::table_open(table, LOCK);
+            let idx = raw::index_open(index, LOCK);
             let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
             // The key's collation must be the index's: B-tree descends with it.
             let collation = *(*idx).rd_indcollation;
-            pg_sys::ScanKeyEntryInitialize(
+            raw::ScanKeyEntryInitialize(
                 &mut key,
                 0,
                 1,
@@ -192,9 +304,9 @@ impl Probe {
                 pg_sys::Oid::from(eq_proc),
                 value,
             );
-            let scan = pg_sys::index_beginscan(heap, idx, snapshot, 1, 0);
+            let scan = raw::index_beginscan(heap, idx, snapshot, 1, 0);
             (*scan).xs_want_itup = want_index_tuple;
-            pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+            raw::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
             Probe {
                 heap,
                 index: idx,
@@ -205,165 +317,214 @@ impl Probe {
 
     unsafe fn end(self) {
         unsafe {
-            pg_sys::index_endscan(self.scan);
+            raw::index_endscan(self.scan);
             // Locks are kept to the end of the transaction, as the executor does.
-            pg_sys::index_close(self.index, pg_sys::NoLock as pg_sys::LOCKMODE);
-            pg_sys::table_close(self.heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+            raw::index_close(self.index, NO_LOCK);
+            raw::table_close(self.heap, NO_LOCK);
         }
     }
 }
 
-/// Probes `index` of `table` for `value` (with equality function `eq_proc`) and calls `read` on
-/// the first visible tuple.
-unsafe fn probe<R>(
-    table: pg_sys::Oid,
-    index: pg_sys::Oid,
-    eq_proc: u32,
-    value: pg_sys::Datum,
-    read: impl FnOnce(*mut pg_sys::TupleTableSlot) -> R,
-) -> Option<R> {
+/// The longest key hash verify reads; longer stored values cannot be one of keyhippo's hashes
+/// (`sha256$` / `sha512$` and hex digits) and are read as "no match".
+const HASH_MAX: usize = 256;
+
+/// The lookup's result as plain values, filled inside the boundary.
+struct Found {
+    id: [u8; 16],
+    user_id: [u8; 16],
+    scope_id: Option<[u8; 16]>,
+    last_used_at: Option<i64>,
+    expires_at: i64,
+    is_revoked: bool,
+    hash: [u8; HASH_MAX],
+    hash_len: usize,
+    /// Whether the stored hash was longer than [`HASH_MAX`].
+    hash_too_long: bool,
+}
+
+unsafe fn uuid_bytes(datum: pg_sys::Datum) -> [u8; 16] {
+    unsafe { *(datum.cast_mut_ptr::<[u8; 16]>()) }
+}
+
+/// Copies the text datum `datum` into `found.hash`.
+unsafe fn copy_hash(datum: pg_sys::Datum, found: &mut Found) {
     unsafe {
-        let probe = Probe::begin(table, index, eq_proc, value, false);
-        let slot = pg_sys::table_slot_create(probe.heap, std::ptr::null_mut());
-        let result = if pg_sys::index_getnext_slot(
-            probe.scan,
-            pg_sys::ScanDirection::ForwardScanDirection,
-            slot,
-        ) {
-            Some(read(slot))
-        } else {
-            None
-        };
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
-        probe.end();
-        result
+        let text = raw::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let len = pgrx::varlena::varsize_any_exhdr(text);
+        found.hash_too_long = len > HASH_MAX;
+        found.hash_len = len.min(HASH_MAX);
+        std::ptr::copy_nonoverlapping(
+            pgrx::varlena::vardata_any(text) as *const u8,
+            found.hash.as_mut_ptr(),
+            found.hash_len,
+        );
     }
 }
 
-unsafe extern "C-unwind" {
-    /// storage/predicate.h (not in pgrx's bindings): what an index-only scan takes on a heap
-    /// page it did not read, so SERIALIZABLE transactions still see conflicts with writers.
-    fn PredicateLockPage(
-        relation: pg_sys::Relation,
-        blkno: pg_sys::BlockNumber,
-        snapshot: pg_sys::Snapshot,
-    );
+/// The metadata row with this prefix (probe of its unique index, row read from the heap).
+/// Only inside the lookup's boundary.
+unsafe fn metadata_row(
+    rels: &Rels,
+    snapshot: pg_sys::Snapshot,
+    prefix: &[u8],
+    found: &mut Found,
+) -> bool {
+    unsafe {
+        let text = raw::cstring_to_text_with_len(prefix.as_ptr().cast(), prefix.len() as i32);
+        let probe = Probe::begin(
+            rels.metadata,
+            rels.prefix_index,
+            snapshot,
+            pg_sys::F_TEXTEQ,
+            pg_sys::Datum::from(text),
+            false,
+        );
+        let slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
+        let mut complete = false;
+        if raw::index_getnext_slot(probe.scan, FORWARD, slot) {
+            let [a_id, a_user, a_scope, a_used, a_expires, a_revoked] = rels.metadata_atts;
+            let last = *rels.metadata_atts.iter().max().unwrap_or(&0);
+            if ((*slot).tts_nvalid as i16) < last {
+                raw::slot_getsomeattrs_int(slot, last as i32);
+            }
+            let value = |att: i16| {
+                let i = (att - 1) as usize;
+                (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
+            };
+            if let (Some(id), Some(user), Some(expires), Some(revoked)) =
+                (value(a_id), value(a_user), value(a_expires), value(a_revoked))
+            {
+                found.id = uuid_bytes(id);
+                found.user_id = uuid_bytes(user);
+                found.scope_id = value(a_scope).map(|d| uuid_bytes(d));
+                found.last_used_at = value(a_used).map(|d| d.value() as i64);
+                found.expires_at = expires.value() as i64;
+                found.is_revoked = revoked.value() != 0;
+                complete = true;
+            }
+        }
+        raw::ExecDropSingleTupleTableSlot(slot);
+        probe.end();
+        complete
+    }
 }
 
-/// The key hash of key row `id`, read the way an index-only scan reads: from the primary key's
-/// INCLUDE column when the visibility map says the heap page is visible to every transaction
-/// (hashes are only ever inserted and deleted, so after VACUUM nearly all are), from the heap
-/// row otherwise. One buffer less per verify, and at a million keys one cache-missing page less.
-unsafe fn secret_hash(rels: &Rels, id: pg_sys::Datum) -> Option<String> {
+/// The key hash of key row `found.id`, read the way an index-only scan reads: from the primary
+/// key's INCLUDE column when the visibility map says the heap page is visible to every
+/// transaction (hashes are only ever inserted and deleted, so after VACUUM nearly all are), from
+/// the heap row otherwise. One buffer less per verify, and at a million keys one cache-missing
+/// page less. Only inside the lookup's boundary.
+unsafe fn secret_hash(rels: &Rels, snapshot: pg_sys::Snapshot, found: &mut Found) -> bool {
     unsafe {
-        let probe = Probe::begin(rels.secrets, rels.secrets_pkey, pg_sys::F_UUID_EQ, id, true);
+        let id = found.id;
+        let probe = Probe::begin(
+            rels.secrets,
+            rels.secrets_pkey,
+            snapshot,
+            pg_sys::F_UUID_EQ,
+            pg_sys::Datum::from(id.as_ptr()),
+            true,
+        );
         let mut vm_buffer: pg_sys::Buffer = pg_sys::InvalidBuffer as pg_sys::Buffer;
         let mut slot: *mut pg_sys::TupleTableSlot = std::ptr::null_mut();
-        let mut found = None;
+        let mut got = false;
         loop {
-            let tid =
-                pg_sys::index_getnext_tid(probe.scan, pg_sys::ScanDirection::ForwardScanDirection);
+            let tid = raw::index_getnext_tid(probe.scan, FORWARD);
             if tid.is_null() {
                 break;
             }
             let block = pgrx::itemptr::item_pointer_get_block_number(tid);
             let all_visible = rels.hash_in_index
                 && !(*probe.scan).xs_itup.is_null()
-                && pg_sys::visibilitymap_get_status(probe.heap, block, &mut vm_buffer)
+                && raw::visibilitymap_get_status(probe.heap, block, &mut vm_buffer)
                     & pg_sys::VISIBILITYMAP_ALL_VISIBLE as u8
                     != 0;
             if all_visible {
-                let mut values = [pg_sys::Datum::from(0); pg_sys::INDEX_MAX_KEYS as usize];
-                let mut nulls = [true; pg_sys::INDEX_MAX_KEYS as usize];
-                pg_sys::index_deform_tuple(
+                let mut values = [pg_sys::Datum::from(0); 2];
+                let mut nulls = [true; 2];
+                // The index has exactly two columns (checked in `rels`).
+                raw::index_deform_tuple(
                     (*probe.scan).xs_itup,
                     (*probe.scan).xs_itupdesc,
                     values.as_mut_ptr(),
                     nulls.as_mut_ptr(),
                 );
-                let snapshot = (*probe.scan).xs_snapshot;
-                pg_sys::ffi::pg_guard_ffi_boundary(|| {
-                    PredicateLockPage(probe.heap, block, snapshot)
-                });
-                found = <String as FromDatum>::from_datum(values[1], nulls[1]);
+                raw::PredicateLockPage(probe.heap, block, (*probe.scan).xs_snapshot);
+                if !nulls[1] {
+                    copy_hash(values[1], found);
+                    got = true;
+                }
                 break;
             }
             if slot.is_null() {
-                slot = pg_sys::table_slot_create(probe.heap, std::ptr::null_mut());
+                slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
             }
-            if pg_sys::index_fetch_heap(probe.scan, slot) {
-                found = attr::<String>(slot, rels.hash_att);
+            if raw::index_fetch_heap(probe.scan, slot) {
+                let i = rels.hash_att as usize - 1;
+                if ((*slot).tts_nvalid as usize) <= i {
+                    raw::slot_getsomeattrs_int(slot, rels.hash_att as i32);
+                }
+                if !*(*slot).tts_isnull.add(i) {
+                    copy_hash(*(*slot).tts_values.add(i), found);
+                    got = true;
+                }
                 break;
             }
         }
         if vm_buffer != pg_sys::InvalidBuffer as pg_sys::Buffer {
-            pg_sys::ReleaseBuffer(vm_buffer);
+            raw::ReleaseBuffer(vm_buffer);
         }
         if !slot.is_null() {
-            pg_sys::ExecDropSingleTupleTableSlot(slot);
+            raw::ExecDropSingleTupleTableSlot(slot);
         }
         probe.end();
-        found
-    }
-}
-
-unsafe fn attr<T: FromDatum>(slot: *mut pg_sys::TupleTableSlot, att: i16) -> Option<T> {
-    unsafe {
-        let mut isnull = false;
-        let datum = pg_sys::slot_getattr(slot, att as i32, &mut isnull);
-        T::from_datum(datum, isnull)
+        got
     }
 }
 
 /// The key row with this prefix and its hash, as the active snapshot sees them; Ok(None) when
 /// there is none; Err(()) when the lookup cannot be done here.
 pub fn find(prefix: &str) -> Result<Option<KeyRow>, ()> {
-    // SAFETY: called from a SQL function inside a transaction; every relation opened is closed
-    // and every scan ended before returning; an ERROR raised inside unwinds through pgrx and
-    // the transaction abort releases what was left.
+    // SAFETY: called from a SQL function inside a transaction. Everything between the boundary's
+    // start and end is plain values and raw pointers (see `raw`); every relation opened is closed
+    // and every scan ended before it returns; an ERROR raised inside becomes a panic at the
+    // boundary and the transaction abort releases what was left.
     unsafe {
         let Some(rels) = rels() else { return Err(()) };
-        let prefix_datum = pgrx::IntoDatum::into_datum(prefix).ok_or(())?;
-        let [a_id, a_user, a_scope, a_used, a_expires, a_revoked] = rels.metadata_atts;
-        let row = probe(
-            rels.metadata,
-            rels.prefix_index,
-            pg_sys::F_TEXTEQ,
-            prefix_datum,
-            |slot| {
-                (
-                    attr::<pgrx::Uuid>(slot, a_id),
-                    attr::<pgrx::Uuid>(slot, a_user),
-                    attr::<pgrx::Uuid>(slot, a_scope),
-                    attr::<i64>(slot, a_used),
-                    attr::<i64>(slot, a_expires),
-                    attr::<bool>(slot, a_revoked),
-                )
-            },
-        );
-        let Some((
-            Some(id),
-            Some(user_id),
-            scope_id,
-            last_used_at,
-            Some(expires_at),
-            Some(is_revoked),
-        )) = row
-        else {
-            return Ok(None);
+        let mut found = Found {
+            id: [0; 16],
+            user_id: [0; 16],
+            scope_id: None,
+            last_used_at: None,
+            expires_at: 0,
+            is_revoked: false,
+            hash: [0; HASH_MAX],
+            hash_len: 0,
+            hash_too_long: false,
         };
-        let id_datum = pgrx::IntoDatum::into_datum(id).ok_or(())?;
-        let Some(key_hash) = secret_hash(&rels, id_datum) else {
+        let prefix = prefix.as_bytes();
+        let complete = pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            let snapshot = snapshot();
+            metadata_row(&rels, snapshot, prefix, &mut found)
+                && secret_hash(&rels, snapshot, &mut found)
+        });
+        if !complete {
             return Ok(None);
+        }
+        // A hash that is too long or not UTF-8 cannot match: read as an empty one.
+        let key_hash = match std::str::from_utf8(&found.hash[..found.hash_len]) {
+            Ok(hash) if !found.hash_too_long => hash.to_owned(),
+            _ => String::new(),
         };
         Ok(Some(KeyRow {
-            id,
-            user_id,
-            scope_id,
+            id: pgrx::Uuid::from_bytes(found.id),
+            user_id: pgrx::Uuid::from_bytes(found.user_id),
+            scope_id: found.scope_id.map(pgrx::Uuid::from_bytes),
             key_hash,
-            expires_at,
-            last_used_at,
-            is_revoked,
+            expires_at: found.expires_at,
+            last_used_at: found.last_used_at,
+            is_revoked: found.is_revoked,
         }))
     }
 }
@@ -385,12 +546,14 @@ thread_local! {
 }
 
 /// auth.users and its primary key index, when it is a single uuid column (Supabase's shape).
+/// Resolved once per backend and again after an invalidation (see [`forget_relations`]).
 unsafe fn auth_users() -> Option<AuthUsers> {
+    if let Some(found) = AUTH_USERS.with(Cell::get) {
+        return Some(found);
+    }
     unsafe {
+        register_callbacks();
         let (_, table) = schema_table(c"auth", c"users")?;
-        if let Some(found) = AUTH_USERS.with(Cell::get).filter(|a| a.table == table) {
-            return Some(found);
-        }
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let heap = pg_sys::table_open(table, lock);
         let pkey = pg_sys::RelationGetPrimaryKeyIndex(heap);
@@ -411,13 +574,39 @@ unsafe fn auth_users() -> Option<AuthUsers> {
     }
 }
 
+/// The active snapshot, or the transaction's when none is active. Only inside a boundary.
+unsafe fn snapshot() -> pg_sys::Snapshot {
+    unsafe {
+        let snapshot = raw::GetActiveSnapshot();
+        if snapshot.is_null() {
+            raw::GetTransactionSnapshot()
+        } else {
+            snapshot
+        }
+    }
+}
+
 /// Whether auth.users holds `id`, by one probe of its primary key under the active snapshot.
 /// None when there is no auth.users with a uuid primary key (the caller then asks SQL).
 pub fn auth_user_exists(id: pgrx::Uuid) -> Option<bool> {
-    // SAFETY: as for `find`.
+    // SAFETY: as for `find`: plain values only inside the boundary.
     unsafe {
         let users = auth_users()?;
-        let datum = pgrx::IntoDatum::into_datum(id)?;
-        Some(probe(users.table, users.pkey, pg_sys::F_UUID_EQ, datum, |_| ()).is_some())
+        let bytes = *id.as_bytes();
+        Some(pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            let probe = Probe::begin(
+                users.table,
+                users.pkey,
+                snapshot(),
+                pg_sys::F_UUID_EQ,
+                pg_sys::Datum::from(bytes.as_ptr()),
+                false,
+            );
+            let slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
+            let exists = raw::index_getnext_slot(probe.scan, FORWARD, slot);
+            raw::ExecDropSingleTupleTableSlot(slot);
+            probe.end();
+            exists
+        }))
     }
 }
