@@ -1,0 +1,77 @@
+-- verify_api_key's declared result, and its lookup (src/lookup.rs) at the edges: a stored hash
+-- it cannot use, relations renamed or replaced under a session that already resolved them, and
+-- permissions changing between two verifies of the same key in one session.
+\set ON_ERROR_STOP 0
+\set A '{"sub":"aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa","role":"authenticated"}'
+
+\echo '--- the result: a row type with the columns of KeyHippo 1.2.5 RETURNS TABLE, at most one row'
+select pg_get_function_result('keyhippo.verify_api_key(text)'::regprocedure) as result,
+       (select prorows from pg_proc where oid = 'keyhippo.verify_api_key(text)'::regprocedure) as rows;
+select a.attname, format_type(a.atttypid, a.atttypmod) as type
+  from pg_attribute a
+ where a.attrelid = 'keyhippo.verify_api_key_result'::regclass and a.attnum > 0
+ order by a.attnum;
+
+begin;
+insert into auth.users (id, email) values ('aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', 'a@example.com');
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+select api_key as k, api_key_id as id from keyhippo.create_api_key('lookup') \gset
+select api_key as ks, api_key_id as ids from keyhippo.create_api_key('scoped lookup', 'default') \gset
+\echo '--- every way of reading the result, as with RETURNS TABLE'
+select user_id, scope_id, permissions from keyhippo.verify_api_key(:'k');
+select (keyhippo.verify_api_key(:'k')).user_id as column_of_call;
+select (v).permissions from keyhippo.verify_api_key(:'k') v;
+select count(*) as rows_for_junk from keyhippo.verify_api_key('kh_nope');
+reset role;
+
+\echo '--- a stored hash verify cannot use (too long, or the wrong one) verifies nothing and raises nothing'
+update keyhippo.api_key_secrets set key_hash = 'sha256$' || repeat('ab', 200) where key_metadata_id = :'id';
+select count(*) as verifies_with_long_hash from keyhippo.verify_api_key(:'k');
+update keyhippo.api_key_secrets set key_hash = 'sha256$' || repeat('0', 64) where key_metadata_id = :'id';
+select count(*) as verifies_with_wrong_hash from keyhippo.verify_api_key(:'k');
+\echo '--- a key row whose hash row is gone verifies nothing'
+delete from keyhippo.api_key_secrets where key_metadata_id = :'ids';
+select count(*) as verifies_without_hash from keyhippo.verify_api_key(:'ks');
+rollback;
+
+\echo '--- relations resolved earlier in the session are forgotten when they change: a renamed'
+\echo '--- table makes verify raise a clean internal error (not read the old relation), and once'
+\echo '--- the rename is rolled back verify works again'
+begin;
+insert into auth.users (id, email) values ('aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', 'a@example.com');
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+select api_key as k from keyhippo.create_api_key('renamed') \gset
+select count(*) as verifies_before from keyhippo.verify_api_key(:'k');
+reset role;
+savepoint renamed;
+alter table keyhippo.api_key_secrets rename to api_key_secrets_moved;
+select count(*) from keyhippo.verify_api_key(:'k');
+\echo :LAST_ERROR_SQLSTATE
+rollback to savepoint renamed;
+select count(*) as verifies_after_rollback from keyhippo.verify_api_key(:'k');
+\echo '--- the hash column no longer in the primary key index: verify reads the heap row'
+alter table keyhippo.api_key_secrets drop constraint api_key_secrets_pkey cascade;
+alter table keyhippo.api_key_secrets add constraint api_key_secrets_pkey primary key (key_metadata_id);
+select count(*) as verifies_without_include from keyhippo.verify_api_key(:'k');
+rollback;
+
+\echo '--- permissions: the next verify in the same session sees a change to the scope'
+begin;
+insert into auth.users (id, email) values ('aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', 'a@example.com');
+insert into keyhippo.scopes (name, description) values ('lookup_scope', 'for verify_lookup');
+insert into keyhippo.scope_permissions (scope_id, permission_id)
+select s.id, p.id from keyhippo.scopes s, keyhippo_rbac.permissions p
+ where s.name = 'lookup_scope' and p.name = 'manage_api_keys';
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+select api_key as k from keyhippo.create_api_key('scoped', 'lookup_scope') \gset
+select permissions as first from keyhippo.verify_api_key(:'k');
+select permissions as again from keyhippo.verify_api_key(:'k');
+reset role;
+insert into keyhippo.scope_permissions (scope_id, permission_id)
+select s.id, p.id from keyhippo.scopes s, keyhippo_rbac.permissions p
+ where s.name = 'lookup_scope' and p.name = 'manage_scopes';
+select permissions as after_grant from keyhippo.verify_api_key(:'k');
+rollback;
