@@ -231,7 +231,11 @@ fn jwt_user_role() -> Option<String> {
 /// RBAC roles, or a `user_role` claim in its JWT.
 pub fn has_permission(permission: &str) -> Result<bool> {
     if let Some(caller) = current_caller()? {
-        if permissions_of(&caller)?.names.iter().any(|p| p == permission) {
+        if permissions_of(&caller)?
+            .names
+            .iter()
+            .any(|p| p == permission)
+        {
             return Ok(true);
         }
     }

@@ -87,7 +87,10 @@ mod raw {
             orderbys: ScanKey,
             norderbys: c_int,
         );
-        pub fn index_getnext_tid(scan: IndexScanDesc, direction: ScanDirection::Type) -> ItemPointer;
+        pub fn index_getnext_tid(
+            scan: IndexScanDesc,
+            direction: ScanDirection::Type,
+        ) -> ItemPointer;
         pub fn index_fetch_heap(scan: IndexScanDesc, slot: *mut TupleTableSlot) -> bool;
         pub fn index_getnext_slot(
             scan: IndexScanDesc,
@@ -98,7 +101,11 @@ mod raw {
         pub fn table_slot_create(rel: Relation, reglist: *mut *mut List) -> *mut TupleTableSlot;
         pub fn ExecDropSingleTupleTableSlot(slot: *mut TupleTableSlot);
         pub fn slot_getsomeattrs_int(slot: *mut TupleTableSlot, attnum: c_int);
-        pub fn visibilitymap_get_status(rel: Relation, block: BlockNumber, vmbuf: *mut Buffer) -> u8;
+        pub fn visibilitymap_get_status(
+            rel: Relation,
+            block: BlockNumber,
+            vmbuf: *mut Buffer,
+        ) -> u8;
         pub fn index_deform_tuple(
             tup: IndexTuple,
             desc: TupleDesc,
@@ -134,7 +141,14 @@ unsafe fn schema_table(schema: &CStr, table: &CStr) -> Option<(pg_sys::Oid, pg_s
 /// relation) is invalidated. Runs inside PostgreSQL's invalidation processing: must not fail.
 unsafe extern "C-unwind" fn forget_relations(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     let ours = |r: &Rels| {
-        [r.metadata, r.prefix_index, r.secrets, r.secrets_pkey, r.audit_log].contains(&relid)
+        [
+            r.metadata,
+            r.prefix_index,
+            r.secrets,
+            r.secrets_pkey,
+            r.audit_log,
+        ]
+        .contains(&relid)
     };
     if relid == pg_sys::InvalidOid || RELS.with(Cell::get).is_some_and(|r| ours(&r)) {
         RELS.with(|r| r.set(None));
@@ -392,9 +406,12 @@ unsafe fn metadata_row(
                 let i = (att - 1) as usize;
                 (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
             };
-            if let (Some(id), Some(user), Some(expires), Some(revoked)) =
-                (value(a_id), value(a_user), value(a_expires), value(a_revoked))
-            {
+            if let (Some(id), Some(user), Some(expires), Some(revoked)) = (
+                value(a_id),
+                value(a_user),
+                value(a_expires),
+                value(a_revoked),
+            ) {
                 found.id = uuid_bytes(id);
                 found.user_id = uuid_bytes(user);
                 found.scope_id = value(a_scope).map(|d| uuid_bytes(d));
