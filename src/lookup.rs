@@ -37,6 +37,8 @@ struct Rels {
     audit_log: pg_sys::Oid,
     /// Attribute numbers of id, user_id, scope_id, last_used_at, expires_at, is_revoked.
     metadata_atts: [i16; 6],
+    /// The highest of them (how far a metadata row is deformed).
+    metadata_last_att: i16,
     /// Attribute number of key_hash.
     hash_att: i16,
     /// Whether key_hash is the second column (INCLUDE) of api_key_secrets_pkey.
@@ -197,20 +199,22 @@ unsafe fn rels() -> Option<Rels> {
         let secrets = relid(c"api_key_secrets", namespace);
         let secrets_pkey = relid(c"api_key_secrets_pkey", namespace);
         let hash_att = att(secrets, c"key_hash");
+        let metadata_atts = [
+            att(metadata, c"id"),
+            att(metadata, c"user_id"),
+            att(metadata, c"scope_id"),
+            att(metadata, c"last_used_at"),
+            att(metadata, c"expires_at"),
+            att(metadata, c"is_revoked"),
+        ];
         let rels = Rels {
             metadata,
             prefix_index: relid(c"api_key_metadata_prefix_key", namespace),
             secrets,
             secrets_pkey,
             audit_log: relid(c"audit_log", namespace),
-            metadata_atts: [
-                att(metadata, c"id"),
-                att(metadata, c"user_id"),
-                att(metadata, c"scope_id"),
-                att(metadata, c"last_used_at"),
-                att(metadata, c"expires_at"),
-                att(metadata, c"is_revoked"),
-            ],
+            metadata_atts,
+            metadata_last_att: *metadata_atts.iter().max().unwrap_or(&0),
             hash_att,
             hash_in_index: secrets_pkey != pg_sys::InvalidOid
                 && hash_att > 0
@@ -232,11 +236,11 @@ unsafe fn rels() -> Option<Rels> {
 /// Whether `index` holds exactly two columns, the second being table column `att`.
 unsafe fn hash_included(index: pg_sys::Oid, att: i16) -> bool {
     unsafe {
-        let idx = pg_sys::index_open(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let idx = pg_sys::index_open(index, LOCK);
         let form = (*idx).rd_index;
         let keys = (*form).indkey.values.as_slice((*form).indnatts as usize);
         let included = (*form).indnatts == 2 && keys[1] == att;
-        pg_sys::index_close(idx, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::index_close(idx, NO_LOCK);
         included
     }
 }
@@ -386,44 +390,62 @@ unsafe fn metadata_row(
 ) -> bool {
     unsafe {
         let text = raw::cstring_to_text_with_len(prefix.as_ptr().cast(), prefix.len() as i32);
-        let probe = Probe::begin(
-            rels.metadata,
-            rels.prefix_index,
-            snapshot,
-            pg_sys::F_TEXTEQ,
-            pg_sys::Datum::from(text),
-            false,
-        );
-        let slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
-        let mut complete = false;
-        if raw::index_getnext_slot(probe.scan, FORWARD, slot) {
+        let read = |slot: *mut pg_sys::TupleTableSlot| {
             let [a_id, a_user, a_scope, a_used, a_expires, a_revoked] = rels.metadata_atts;
-            let last = *rels.metadata_atts.iter().max().unwrap_or(&0);
-            if ((*slot).tts_nvalid as i16) < last {
-                raw::slot_getsomeattrs_int(slot, last as i32);
+            if ((*slot).tts_nvalid as i16) < rels.metadata_last_att {
+                raw::slot_getsomeattrs_int(slot, rels.metadata_last_att as i32);
             }
             let value = |att: i16| {
                 let i = (att - 1) as usize;
                 (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
             };
-            if let (Some(id), Some(user), Some(expires), Some(revoked)) = (
+            let (Some(id), Some(user), Some(expires), Some(revoked)) = (
                 value(a_id),
                 value(a_user),
                 value(a_expires),
                 value(a_revoked),
-            ) {
-                found.id = uuid_bytes(id);
-                found.user_id = uuid_bytes(user);
-                found.scope_id = value(a_scope).map(|d| uuid_bytes(d));
-                found.last_used_at = value(a_used).map(|d| d.value() as i64);
-                found.expires_at = expires.value() as i64;
-                found.is_revoked = revoked.value() != 0;
-                complete = true;
-            }
-        }
+            ) else {
+                return false;
+            };
+            found.id = uuid_bytes(id);
+            found.user_id = uuid_bytes(user);
+            found.scope_id = value(a_scope).map(|d| uuid_bytes(d));
+            found.last_used_at = value(a_used).map(|d| d.value() as i64);
+            found.expires_at = expires.value() as i64;
+            found.is_revoked = revoked.value() != 0;
+            true
+        };
+        let key = pg_sys::Datum::from(text);
+        first_row(
+            rels.metadata,
+            rels.prefix_index,
+            snapshot,
+            pg_sys::F_TEXTEQ,
+            key,
+            read,
+        )
+        .unwrap_or(false)
+    }
+}
+
+/// Probes `index` of `table` for `value` (with equality function `eq_proc`) under `snapshot`
+/// and calls `read` on the first visible row. Only inside a boundary, with a `read` that owns
+/// nothing needing a drop.
+unsafe fn first_row<R>(
+    table: pg_sys::Oid,
+    index: pg_sys::Oid,
+    snapshot: pg_sys::Snapshot,
+    eq_proc: u32,
+    value: pg_sys::Datum,
+    read: impl FnOnce(*mut pg_sys::TupleTableSlot) -> R,
+) -> Option<R> {
+    unsafe {
+        let probe = Probe::begin(table, index, snapshot, eq_proc, value, false);
+        let slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
+        let result = raw::index_getnext_slot(probe.scan, FORWARD, slot).then(|| read(slot));
         raw::ExecDropSingleTupleTableSlot(slot);
         probe.end();
-        complete
+        result
     }
 }
 
@@ -571,17 +593,16 @@ unsafe fn auth_users() -> Option<AuthUsers> {
     unsafe {
         register_callbacks();
         let (_, table) = schema_table(c"auth", c"users")?;
-        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-        let heap = pg_sys::table_open(table, lock);
+        let heap = pg_sys::table_open(table, LOCK);
         let pkey = pg_sys::RelationGetPrimaryKeyIndex(heap);
-        pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(heap, NO_LOCK);
         if pkey == pg_sys::InvalidOid {
             return None;
         }
-        let idx = pg_sys::index_open(pkey, lock);
+        let idx = pg_sys::index_open(pkey, LOCK);
         let single_uuid =
             (*(*idx).rd_index).indnatts == 1 && *(*idx).rd_opcintype == pg_sys::UUIDOID;
-        pg_sys::index_close(idx, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::index_close(idx, NO_LOCK);
         if !single_uuid {
             return None;
         }
@@ -610,20 +631,17 @@ pub fn auth_user_exists(id: pgrx::Uuid) -> Option<bool> {
     unsafe {
         let users = auth_users()?;
         let bytes = *id.as_bytes();
+        let key = pg_sys::Datum::from(bytes.as_ptr());
         Some(pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            let probe = Probe::begin(
+            first_row(
                 users.table,
                 users.pkey,
                 snapshot(),
                 pg_sys::F_UUID_EQ,
-                pg_sys::Datum::from(bytes.as_ptr()),
-                false,
-            );
-            let slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
-            let exists = raw::index_getnext_slot(probe.scan, FORWARD, slot);
-            raw::ExecDropSingleTupleTableSlot(slot);
-            probe.end();
-            exists
+                key,
+                |_| (),
+            )
+            .is_some()
         }))
     }
 }
