@@ -21,6 +21,33 @@ use std::ffi::CStr;
 pub struct Row<'a> {
     pub table: pg_sys::Oid,
     pub values: &'a [(&'a CStr, Option<pg_sys::Datum>)],
+    /// Foreign keys of this row that hold by construction: the referenced row is one of the
+    /// rows written before it in the same call.
+    pub references: &'a [Reference<'a>],
+}
+
+/// "`column` of this row holds the key of `parent`": a foreign key from that column to that
+/// key holds by construction, so PostgreSQL's check of it (a statement that looks the parent
+/// row up and locks it FOR KEY SHARE) is not queued for this row. Only single-column foreign
+/// keys from exactly `column` to exactly the parent's column; every other foreign key and
+/// trigger of the table fires as usual, and the parent table's own triggers (ON DELETE
+/// CASCADE) are untouched, so deleting the parent later still reaches this row.
+pub struct Reference<'a> {
+    pub column: &'a CStr,
+    pub parent: Parent<'a>,
+}
+
+pub enum Parent<'a> {
+    /// Row `row` of the same call (written before this one), whose `column` has this row's
+    /// value: this transaction has just inserted it, and no other can see or delete it.
+    Earlier { row: usize, column: &'a CStr },
+    /// The row of `table` whose column `column` (an attribute number) has this row's value,
+    /// which this transaction has found and locked FOR KEY SHARE, as the check would have
+    /// (see `lookup::lock_auth_user`).
+    Locked {
+        table: pg_sys::Oid,
+        column: pg_sys::AttrNumber,
+    },
 }
 
 /// The attribute number of every column of `desc` in `values` order, when the table's live
@@ -44,6 +71,87 @@ unsafe fn column_order(
                 })
             })
             .collect()
+    }
+}
+
+/// The attribute number (from 1) of live column `name` of `desc`.
+unsafe fn attnum(desc: pg_sys::TupleDesc, name: &CStr) -> Option<pg_sys::AttrNumber> {
+    unsafe {
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        attrs
+            .iter()
+            .position(|a| !a.attisdropped && CStr::from_ptr(a.attname.data.as_ptr()) == name)
+            .map(|i| (i + 1) as pg_sys::AttrNumber)
+    }
+}
+
+/// Removes from `rri`'s triggers (its own copy of the table's) the foreign key checks that
+/// `reference` makes unnecessary: the RI_FKey_check_ins triggers of single-column foreign keys
+/// from exactly that column to exactly that column of the parent's table. Anything that does
+/// not match exactly keeps its check.
+unsafe fn skip_checks_done(
+    rri: *mut pg_sys::ResultRelInfo,
+    rel: pg_sys::Relation,
+    relations: &[pg_sys::Relation],
+    reference: &Reference<'_>,
+) {
+    unsafe {
+        let triggers = (*rri).ri_TrigDesc;
+        let (parent, parent_column) = match reference.parent {
+            Parent::Earlier { row, column } if row < relations.len() => {
+                let parent = relations[row];
+                ((*parent).rd_id, attnum((*parent).rd_att, column))
+            }
+            Parent::Earlier { .. } => return,
+            Parent::Locked { table, column } => (table, Some(column)),
+        };
+        let (Some(column), Some(parent_column)) =
+            (attnum((*rel).rd_att, reference.column), parent_column)
+        else {
+            return;
+        };
+        if triggers.is_null() {
+            return;
+        }
+        // The table's foreign keys, from the relcache (no catalog read after the first).
+        let fkeys = pg_sys::RelationGetFKeyList(rel);
+        let mut satisfied = Vec::new();
+        if !fkeys.is_null() {
+            for i in 0..(*fkeys).length as usize {
+                let fk =
+                    (*(*fkeys).elements.add(i)).ptr_value as *const pg_sys::ForeignKeyCacheInfo;
+                if (*fk).confrelid == parent
+                    && (*fk).nkeys == 1
+                    && (*fk).conkey[0] == column
+                    && (*fk).confkey[0] == parent_column
+                {
+                    satisfied.push((*fk).conoid);
+                }
+            }
+        }
+        if satisfied.is_empty() {
+            return;
+        }
+        let n = (*triggers).numtriggers as usize;
+        let all = std::slice::from_raw_parts_mut((*triggers).triggers, n);
+        let mut kept = 0;
+        for i in 0..n {
+            let t = all[i];
+            if t.tgfoid == pg_sys::Oid::from(pg_sys::F_RI_FKEY_CHECK_INS)
+                && satisfied.contains(&t.tgconstraint)
+            {
+                continue;
+            }
+            all[kept] = t;
+            kept += 1;
+        }
+        (*triggers).numtriggers = kept as i32;
+        // Whether an AFTER ROW INSERT trigger is left (the flag the executor reads).
+        let row_insert = (pg_sys::TRIGGER_TYPE_ROW | pg_sys::TRIGGER_TYPE_INSERT) as i16;
+        let not_after = (pg_sys::TRIGGER_TYPE_BEFORE | pg_sys::TRIGGER_TYPE_INSTEAD) as i16;
+        (*triggers).trig_insert_after_row = all[..kept]
+            .iter()
+            .any(|t| t.tgtype & row_insert == row_insert && t.tgtype & not_after == 0);
     }
 }
 
@@ -96,6 +204,10 @@ pub unsafe fn insert_rows(rows: &[Row<'_>]) -> bool {
                 as *mut pg_sys::ResultRelInfo;
             (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
             pg_sys::ExecInitResultRelation(estate, rri, (i + 1) as pg_sys::Index);
+            for reference in row.references {
+                // Earlier rows only: relations[..i].
+                skip_checks_done(rri, relations[i], &relations[..i], reference);
+            }
             pg_sys::ExecOpenIndices(rri, false);
             let slot = pg_sys::table_slot_create(relations[i], &mut (*estate).es_tupleTable);
             pg_sys::ExecClearTuple(slot);

@@ -160,7 +160,7 @@ fn create_impl(
     })?;
     signing_secret()?;
     Spi::connect_mut(|client| {
-        let scope_id = keys::check_owner_and_scope(client, user, scope_name)?;
+        let scope_id = keys::check_owner_and_scope(client, user, scope_name)?.scope_id;
         let expires_at = EXPIRY_FROM_INTERVAL
             .run(client, &[expires_in.into()])?
             .first()

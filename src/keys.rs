@@ -189,6 +189,9 @@ fn key_not_found() -> KeyhippoError {
 /// What a new key row holds.
 struct NewKey<'a> {
     user_id: Uuid,
+    /// auth.users and its key column when this transaction holds a FOR KEY SHARE lock on the
+    /// owner's row (see [`check_owner_and_scope`]).
+    owner_locked: Option<(pg_sys::Oid, pg_sys::AttrNumber)>,
     scope_id: Option<Uuid>,
     description: Option<&'a str>,
     claims: Option<JsonB>,
@@ -229,7 +232,7 @@ fn insert_key(
     let audit = unsafe { audit_jsonb(&row) };
     let audit_id = Uuid::from_bytes(keyhippo_core::uuid::new_v7());
     let _audited = crate::audit::self_audited(*id.as_bytes());
-    if insert_key_rows(&row, &key_hash, audit_id, audit, actor) {
+    if insert_key_rows(&row, &key_hash, audit_id, audit, actor, key.owner_locked) {
         return Ok((new_key.key, id));
     }
     let timestamp = |micros: i64| TimestampWithTimeZone::try_from(micros).ok();
@@ -265,8 +268,9 @@ fn insert_key_rows(
     audit_id: Uuid,
     audit: pg_sys::Datum,
     actor: Option<Uuid>,
+    owner_locked: Option<(pg_sys::Oid, pg_sys::AttrNumber)>,
 ) -> bool {
-    use crate::direct_insert::{insert_rows, Row};
+    use crate::direct_insert::{insert_rows, Parent, Reference, Row};
     let Some((metadata, secrets, audit_log)) = crate::lookup::key_tables() else {
         return false;
     };
@@ -303,6 +307,12 @@ fn insert_key_rows(
             crate::audit::current_function().and_then(IntoDatum::into_datum),
         ),
     ];
+    // The owner's auth.users row, when check_owner_and_scope locked it as the foreign key's
+    // check would.
+    let owner_reference = owner_locked.map(|(table, column)| Reference {
+        column: c"user_id",
+        parent: Parent::Locked { table, column },
+    });
     // SAFETY: keyhippo's own tables, from its SECURITY DEFINER functions (create, rotate),
     // inside the calling statement's transaction and snapshot.
     unsafe {
@@ -310,14 +320,27 @@ fn insert_key_rows(
             Row {
                 table: metadata,
                 values: &metadata_values,
+                references: match &owner_reference {
+                    Some(reference) => std::slice::from_ref(reference),
+                    None => &[],
+                },
             },
             Row {
                 table: secrets,
                 values: &secret_values,
+                // The hash's key row is the row above.
+                references: &[Reference {
+                    column: c"key_metadata_id",
+                    parent: Parent::Earlier {
+                        row: 0,
+                        column: c"id",
+                    },
+                }],
             },
             Row {
                 table: audit_log,
                 values: &audit_values,
+                references: &[],
             },
         ])
     }
@@ -511,10 +534,11 @@ fn create_api_key_impl(
     let user = require_user()?;
     let description = validate_description(description)?;
     Spi::connect_mut(|client| {
-        let scope_id = check_owner_and_scope(client, user, scope_name)?;
+        let owner = check_owner_and_scope(client, user, scope_name)?;
         let new = NewKey {
             user_id: user,
-            scope_id,
+            owner_locked: owner.locked,
+            scope_id: owner.scope_id,
             description: Some(description),
             claims: None,
             expires_at: None,
@@ -524,26 +548,60 @@ fn create_api_key_impl(
 }
 
 /// Checks that a new key's owner exists (in auth.users, when there is one) and resolves the
-/// scope name; an unknown scope is an error.
+/// scope name; an unknown scope is an error. Where auth.users has Supabase's shape the owner's
+/// row is also locked FOR KEY SHARE, as the foreign key check on the key row would (which then
+/// need not run again: see [`OwnerCheck::locked`]).
 pub(crate) fn check_owner_and_scope(
     client: &pgrx::spi::SpiClient<'_>,
     user: Uuid,
     scope_name: Option<&str>,
-) -> Result<Option<Uuid>> {
-    // One index probe where auth.users has Supabase's shape; SQL otherwise (plain Postgres).
-    let exists = match crate::lookup::auth_user_exists(user) {
-        Some(exists) => exists,
-        None => USER_EXISTS
-            .run(client, &[user.into()])?
-            .first()
-            .get::<bool>(1)?
-            .unwrap_or(false),
+) -> Result<OwnerCheck> {
+    use crate::lookup::UserRow;
+    // One index probe and a row lock where auth.users has Supabase's shape; SQL otherwise
+    // (plain Postgres, or a differently shaped auth.users).
+    let (exists, locked) = match crate::lookup::lock_auth_user(user) {
+        Some(UserRow::Locked { table, column }) => (true, Some((table, column))),
+        Some(UserRow::Missing) => (false, None),
+        Some(UserRow::Conflict) => {
+            return Err(KeyhippoError::SerializationFailure(
+                "keyhippo: could not serialize access: the user was deleted or changed by a concurrent transaction".into(),
+            ))
+        }
+        Some(UserRow::Unexpected(result)) => {
+            return Err(KeyhippoError::Internal(format!(
+                "keyhippo: unexpected result {result} locking the user's row"
+            )))
+        }
+        None => {
+            let exists = USER_EXISTS
+                .run(client, &[user.into()])?
+                .first()
+                .get::<bool>(1)?
+                .unwrap_or(false);
+            (exists, None)
+        }
     };
     if !exists {
         return Err(KeyhippoError::UnknownUser(
             "keyhippo: the authenticated user does not exist in auth.users".into(),
         ));
     }
+    Ok(OwnerCheck {
+        scope_id: scope_id(client, scope_name)?,
+        locked,
+    })
+}
+
+/// What [`check_owner_and_scope`] found.
+pub(crate) struct OwnerCheck {
+    pub scope_id: Option<Uuid>,
+    /// auth.users and its key column, when the owner's row is locked FOR KEY SHARE by this
+    /// transaction.
+    pub locked: Option<(pg_sys::Oid, pg_sys::AttrNumber)>,
+}
+
+/// The id of scope `scope_name` (None for no scope); an unknown scope is an error.
+fn scope_id(client: &pgrx::spi::SpiClient<'_>, scope_name: Option<&str>) -> Result<Option<Uuid>> {
     let Some(name) = scope_name else {
         return Ok(None);
     };
@@ -853,6 +911,7 @@ fn rotate_impl(old_api_key_id: Option<Uuid>) -> Result<(String, Uuid)> {
         } else {
             let new = NewKey {
                 user_id: owner,
+                owner_locked: None,
                 scope_id,
                 description: description.as_deref(),
                 claims,

@@ -120,6 +120,20 @@ mod raw {
         pub fn ReleaseBuffer(buffer: Buffer);
         pub fn cstring_to_text_with_len(s: *const c_char, len: c_int) -> *mut text;
         pub fn pg_detoast_datum_packed(datum: *mut varlena) -> *mut varlena;
+        pub fn GetCurrentCommandId(used: bool) -> CommandId;
+        /// access/tableam.h's inline function, through pgrx's C shim.
+        #[link_name = "table_tuple_lock__pgrx_cshim"]
+        pub fn table_tuple_lock(
+            rel: Relation,
+            tid: ItemPointer,
+            snapshot: Snapshot,
+            slot: *mut TupleTableSlot,
+            cid: CommandId,
+            mode: LockTupleMode::Type,
+            wait_policy: LockWaitPolicy::Type,
+            flags: u8,
+            tmfd: *mut TM_FailureData,
+        ) -> TM_Result::Type;
     }
 }
 
@@ -578,6 +592,8 @@ pub fn now() -> i64 {
 struct AuthUsers {
     table: pg_sys::Oid,
     pkey: pg_sys::Oid,
+    /// The primary key's column.
+    column: pg_sys::AttrNumber,
 }
 
 thread_local! {
@@ -602,11 +618,16 @@ unsafe fn auth_users() -> Option<AuthUsers> {
         let idx = pg_sys::index_open(pkey, LOCK);
         let single_uuid =
             (*(*idx).rd_index).indnatts == 1 && *(*idx).rd_opcintype == pg_sys::UUIDOID;
+        let column = (*(*idx).rd_index).indkey.values.as_slice(1)[0];
         pg_sys::index_close(idx, NO_LOCK);
-        if !single_uuid {
+        if !single_uuid || column <= 0 {
             return None;
         }
-        let found = AuthUsers { table, pkey };
+        let found = AuthUsers {
+            table,
+            pkey,
+            column,
+        };
         AUTH_USERS.with(|a| a.set(Some(found)));
         Some(found)
     }
@@ -624,24 +645,120 @@ unsafe fn snapshot() -> pg_sys::Snapshot {
     }
 }
 
-/// Whether auth.users holds `id`, by one probe of its primary key under the active snapshot.
-/// None when there is no auth.users with a uuid primary key (the caller then asks SQL).
-pub fn auth_user_exists(id: pgrx::Uuid) -> Option<bool> {
+/// What [`lock_auth_user`] found.
+pub enum UserRow {
+    /// The user exists, and this transaction holds a FOR KEY SHARE lock on its row until it
+    /// ends: a concurrent DELETE waits for it (and then cascades to the keys it wrote).
+    Locked {
+        table: pg_sys::Oid,
+        column: pg_sys::AttrNumber,
+    },
+    /// No such user, or deleted by a transaction that committed meanwhile.
+    Missing,
+    /// Deleted (or its id changed) by a concurrent transaction that this REPEATABLE READ or
+    /// SERIALIZABLE transaction cannot see.
+    Conflict,
+    /// A lock result PostgreSQL's own check would not expect either.
+    Unexpected(u32),
+}
+
+/// Finds user `id` in auth.users and locks its row FOR KEY SHARE: the check PostgreSQL's
+/// foreign key trigger from api_key_metadata.user_id makes (`SELECT 1 FROM auth.users WHERE id
+/// = $1 FOR KEY SHARE`), by one index probe and `table_tuple_lock`, as `ExecLockRows` locks
+/// the row: in READ COMMITTED it follows a concurrent update to the row's latest version and a
+/// concurrent delete means no user; in REPEATABLE READ and SERIALIZABLE either is a
+/// serialization failure. Waits for a transaction that is deleting the row. None when there is
+/// no auth.users with a uuid primary key.
+pub fn lock_auth_user(id: pgrx::Uuid) -> Option<UserRow> {
     // SAFETY: as for `find`: plain values only inside the boundary.
     unsafe {
         let users = auth_users()?;
         let bytes = *id.as_bytes();
         let key = pg_sys::Datum::from(bytes.as_ptr());
         Some(pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            first_row(
+            let snapshot = snapshot();
+            let probe = Probe::begin(
                 users.table,
                 users.pkey,
-                snapshot(),
+                snapshot,
                 pg_sys::F_UUID_EQ,
                 key,
-                |_| (),
-            )
-            .is_some()
+                false,
+            );
+            let slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
+            let row = if raw::index_getnext_slot(probe.scan, FORWARD, slot) {
+                lock_row(probe.heap, slot, snapshot, users.column, &bytes)
+            } else {
+                UserRow::Missing
+            };
+            raw::ExecDropSingleTupleTableSlot(slot);
+            probe.end();
+            match row {
+                UserRow::Locked { .. } => UserRow::Locked {
+                    table: users.table,
+                    column: users.column,
+                },
+                other => other,
+            }
         }))
+    }
+}
+
+/// Locks the row in `slot` FOR KEY SHARE. Only inside a boundary.
+#[allow(non_upper_case_globals)] // PostgreSQL's TM_Result names
+unsafe fn lock_row(
+    heap: pg_sys::Relation,
+    slot: *mut pg_sys::TupleTableSlot,
+    snapshot: pg_sys::Snapshot,
+    column: pg_sys::AttrNumber,
+    id: &[u8; 16],
+) -> UserRow {
+    use pg_sys::TM_Result::*;
+    unsafe {
+        let mut tid = (*slot).tts_tid;
+        let xact_snapshot = pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32;
+        let flags = if xact_snapshot {
+            0
+        } else {
+            pg_sys::TUPLE_LOCK_FLAG_FIND_LAST_VERSION as u8
+        };
+        let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
+        let result = raw::table_tuple_lock(
+            heap,
+            &mut tid,
+            snapshot,
+            slot,
+            raw::GetCurrentCommandId(true),
+            pg_sys::LockTupleMode::LockTupleKeyShare,
+            pg_sys::LockWaitPolicy::LockWaitBlock,
+            flags,
+            &mut failure,
+        );
+        let locked = UserRow::Locked {
+            table: pg_sys::InvalidOid,
+            column,
+        };
+        match result {
+            TM_Ok if !failure.traversed => locked,
+            // A newer version (READ COMMITTED): still this user only if the id is unchanged,
+            // the recheck ExecLockRows makes.
+            TM_Ok => {
+                raw::slot_getsomeattrs_int(slot, column as i32);
+                let at = (column - 1) as usize;
+                let same =
+                    !*(*slot).tts_isnull.add(at) && uuid_bytes(*(*slot).tts_values.add(at)) == *id;
+                if same {
+                    locked
+                } else {
+                    UserRow::Missing
+                }
+            }
+            // Deleted by this transaction after the snapshot was taken, or by another
+            // that committed (READ COMMITTED): no such user now.
+            TM_SelfModified => UserRow::Missing,
+            TM_Deleted if !xact_snapshot => UserRow::Missing,
+            TM_Deleted | TM_Updated => UserRow::Conflict,
+            other => UserRow::Unexpected(other),
+        }
     }
 }

@@ -107,5 +107,48 @@ check "LISTEN: payload names the key" yes "$(grep -q "\"id\": \"$id\"" "$WORK/li
 check "LISTEN: payload carries no key material" no \
     "$(grep -q "${key:20:43}" "$WORK/listener" && echo yes || echo no)"
 
+# 6. create locks its owner's auth.users row FOR KEY SHARE itself (instead of the foreign key's
+#    check statement): a concurrent DELETE of the owner must still wait for the creating
+#    transaction and then cascade to the new key, a create racing a DELETE must see the user
+#    gone once the DELETE commits (and exist again when it rolls back), and REPEATABLE READ must
+#    fail with a serialization failure rather than create an orphan key.
+as_user() { echo "SELECT set_config('request.jwt.claims', '{\"sub\":\"$1\",\"role\":\"authenticated\"}', false) IS NULL; SET ROLE authenticated;"; }
+new_user() { q -c "INSERT INTO auth.users (id, email) VALUES ('$1', '$1@example.com')"; }
+keys_of() { q -c "SELECT count(*) FROM keyhippo.api_key_metadata WHERE user_id = '$1'"; }
+U1=b0000000-0000-4000-8000-000000000001 U2=b0000000-0000-4000-8000-000000000002
+U3=b0000000-0000-4000-8000-000000000003 U4=b0000000-0000-4000-8000-000000000004
+for u in $U1 $U2 $U3 $U4; do new_user "$u"; done
+# 6a. create's transaction stays open 2 s; the DELETE starts 0.7 s in.
+q -c "$(as_user $U1)" -c "BEGIN" -c "SELECT count(*) FROM keyhippo.create_api_key('held')" \
+  -c "SELECT pg_sleep(2)" -c "COMMIT" >/dev/null &
+sleep 0.7
+start=$(date +%s%N)
+q -c "DELETE FROM auth.users WHERE id = '$U1'" >/dev/null
+waited_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+wait
+check "DELETE of a key's owner waits for the creating transaction" yes "$([ "$waited_ms" -ge 700 ] && echo yes || echo "no ($waited_ms ms)")"
+check "... and then deletes the new key (no orphan)" 0 "$(keys_of $U1)"
+# 6b. The DELETE's transaction is open when create starts; it commits 1.5 s in.
+q -c "BEGIN" -c "DELETE FROM auth.users WHERE id = '$U2'" -c "SELECT pg_sleep(1.5)" -c "COMMIT" >/dev/null &
+sleep 0.5
+out=$(q -v VERBOSITY=verbose -c "$(as_user $U2)" -c "SELECT count(*) FROM keyhippo.create_api_key('racing')" 2>&1 | grep -o 'ERROR: *[0-9A-Z]*' | tr -s ' ')
+wait
+check "create racing a committed DELETE of its owner: 28000" "ERROR: 28000" "$out"
+check "... and no key" 0 "$(keys_of $U2)"
+# 6c. The same DELETE rolled back: create waits for it, then succeeds.
+q -c "BEGIN" -c "DELETE FROM auth.users WHERE id = '$U3'" -c "SELECT pg_sleep(1.5)" -c "ROLLBACK" >/dev/null &
+sleep 0.5
+out=$(q -c "$(as_user $U3)" -c "SELECT count(*) FROM keyhippo.create_api_key('after rollback')" 2>&1 | tail -1)
+wait
+check "create racing a rolled-back DELETE of its owner: created" 1 "$out"
+# 6d. REPEATABLE READ: the owner is deleted after the transaction's snapshot was taken.
+q -v VERBOSITY=verbose -c "BEGIN ISOLATION LEVEL REPEATABLE READ" -c "$(as_user $U4)" -c "SELECT pg_sleep(1)" \
+  -c "SELECT count(*) FROM keyhippo.create_api_key('repeatable read')" -c "COMMIT" >"$WORK/rr" 2>&1 &
+sleep 0.4
+q -c "DELETE FROM auth.users WHERE id = '$U4'" >/dev/null
+wait
+check "REPEATABLE READ create after its owner was deleted: 40001" "ERROR: 40001" "$(grep -o 'ERROR: *[0-9A-Z]*' "$WORK/rr" | tr -s ' ')"
+check "... and no key" 0 "$(keys_of $U4)"
+
 echo "concurrency: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -56,6 +56,47 @@ savepoint no_user;
 insert into keyhippo.api_key_metadata (user_id, prefix) values ('bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb', 'kh_nouser');
 rollback to savepoint no_user;
 
+\echo '--- create locks the owner row of auth.users FOR KEY SHARE (the xmax of the row is this'
+\echo '--- transaction, as after the check of the foreign key), so a concurrent DELETE of the user waits'
+select xmax = pg_current_xact_id()::xid as owner_row_locked_by_this_transaction
+  from auth.users where id = 'aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa';
+
+\echo '--- foreign keys other than the two create satisfies itself are still checked on its direct path'
+create table public.allowed_ids (id uuid primary key);
+savepoint extra_fk;
+alter table keyhippo.api_key_secrets add constraint extra_fk
+    foreign key (key_metadata_id) references public.allowed_ids (id) not valid;
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+\set VERBOSITY terse
+select count(*) from keyhippo.create_api_key('refused by extra hash fk');
+rollback to savepoint extra_fk;
+alter table keyhippo.api_key_metadata add constraint extra_fk
+    foreign key (user_id) references public.allowed_ids (id) not valid;
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+select count(*) from keyhippo.create_api_key('refused by extra owner fk');
+\set VERBOSITY default
+rollback to savepoint extra_fk;
+\echo '--- the same foreign keys again (to the same columns): satisfied, the key is created'
+alter table keyhippo.api_key_secrets add constraint extra_fk
+    foreign key (key_metadata_id) references keyhippo.api_key_metadata (id);
+alter table keyhippo.api_key_metadata add constraint extra_fk
+    foreign key (user_id) references auth.users (id);
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+select count(*) as created_with_duplicate_fks from keyhippo.create_api_key('duplicate fks');
+reset role;
+rollback to savepoint extra_fk;
+select count(*) as keys_of_savepoint from keyhippo.api_key_metadata where description like '%fk%';
+
+\echo '--- deleting a key row still deletes its hash (ON DELETE CASCADE is a trigger of the key table)'
+savepoint cascade;
+delete from keyhippo.api_key_metadata where id = (select id from issued where api_key is not null limit 1);
+select count(*) as orphan_hashes from keyhippo.api_key_secrets s
+ where not exists (select 1 from keyhippo.api_key_metadata m where m.id = s.key_metadata_id);
+rollback to savepoint cascade;
+
 \echo '--- a user-defined trigger on the key table fires for keys created by create_api_key'
 create function pg_temp.seen() returns trigger language plpgsql as $$
 begin raise notice 'trigger saw a new key: %', new.description; return new; end $$;
