@@ -516,15 +516,111 @@ unsafe fn audit_jsonb(row: &KeyRowValues<'_>) -> pg_sys::Datum {
 
 /// Creates an API key for the current user. The plaintext key is in the result and nowhere
 /// else: only its hash is stored.
-#[pg_extern(volatile, security_definer, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-fn create_api_key(
-    key_description: Option<&str>,
-    scope_name: default!(Option<&str>, "NULL"),
-) -> TableIterator<'static, (name!(api_key, String), name!(api_key_id, Uuid))> {
-    let _audit = function_scope("create_api_key");
-    let row = or_raise(create_api_key_impl(key_description, scope_name));
-    TableIterator::once(row)
+///
+/// A hand-written V1 function for the reason verify is (see [`keyhippo_verify_api_key`]): its
+/// one row goes to a tuplestore built with the descriptor of the named row type
+/// `keyhippo.create_api_key_result` the executor already has, instead of a descriptor rebuilt
+/// from OUT parameters at every call and pgrx's value-per-call iterator around it. SECURITY
+/// DEFINER with `search_path` pinned, declared in SQL below.
+#[pg_guard]
+#[no_mangle]
+pub unsafe extern "C-unwind" fn keyhippo_create_api_key(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: called by the executor through the V1 convention with two text arguments.
+    unsafe {
+        let rsinfo = set_returning_info(fcinfo, "create_api_key");
+        let description = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
+        let scope_name = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1);
+        let (api_key, id) = {
+            let _audit = function_scope("create_api_key");
+            or_raise(create_api_key_impl(description, scope_name))
+        };
+        let id = *id.as_bytes();
+        let text = pg_sys::cstring_to_text_with_len(api_key.as_ptr().cast(), api_key.len() as i32);
+        let mut values = [pg_sys::Datum::from(text), pg_sys::Datum::from(id.as_ptr())];
+        return_row(fcinfo, rsinfo, &mut values, &mut [false, false]);
+        pg_sys::pfree(text.cast());
+        pg_sys::Datum::from(0)
+    }
+}
+
+v1_function_info!(pg_finfo_keyhippo_create_api_key);
+
+extension_sql!(
+    r#"
+-- create_api_key's row: the columns KeyHippo 1.2.5's RETURNS TABLE declared, as a named row type
+-- for the reason verify_api_key_result is one.
+CREATE TYPE keyhippo.create_api_key_result AS (api_key text, api_key_id uuid);
+COMMENT ON TYPE keyhippo.create_api_key_result IS
+    'The row create_api_key returns: the plaintext key (shown once) and its id.';
+CREATE FUNCTION keyhippo."create_api_key"("key_description" text, "scope_name" text DEFAULT NULL)
+    RETURNS SETOF keyhippo.create_api_key_result
+    LANGUAGE c VOLATILE SECURITY DEFINER PARALLEL UNSAFE ROWS 1
+    SET search_path = pg_catalog, pg_temp
+    AS 'MODULE_PATHNAME', 'keyhippo_create_api_key';
+COMMENT ON FUNCTION keyhippo.create_api_key(text, text) IS
+    'Creates an API key for the current user; returns the plaintext key (once) and its id.';
+"#,
+    name = "create_api_key",
+    requires = ["bootstrap"]
+);
+
+/// The ReturnSetInfo of a set-returning V1 call, switched to materialize mode; a clean ERROR
+/// when the caller cannot take a set (e.g. `function` called where a scalar is expected).
+///
+/// # Safety
+/// A V1 call's `fcinfo`.
+unsafe fn set_returning_info(
+    fcinfo: pg_sys::FunctionCallInfo,
+    function: &str,
+) -> *mut pg_sys::ReturnSetInfo {
+    unsafe {
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        let materialize = pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32;
+        if rsinfo.is_null()
+            || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
+            || (*rsinfo).allowedModes & materialize == 0
+        {
+            or_raise::<()>(Err(KeyhippoError::InvalidArgument(format!(
+                "keyhippo: {function} must be called where a set of rows is accepted"
+            ))));
+        }
+        (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
+        // The function's own result is unused in materialize mode.
+        (*fcinfo).isnull = true;
+        rsinfo
+    }
+}
+
+/// Returns one row from a materialize-mode call: a tuplestore holding a copy of `values`, made
+/// with the descriptor the executor expects (from the function's declared row type otherwise).
+/// Returning nothing instead (no tuplestore) is an empty set.
+///
+/// # Safety
+/// `rsinfo` from [`set_returning_info`] for this `fcinfo`; `values` and `nulls` as many as the
+/// row type has columns, of its types.
+unsafe fn return_row(
+    fcinfo: pg_sys::FunctionCallInfo,
+    rsinfo: *mut pg_sys::ReturnSetInfo,
+    values: &mut [pg_sys::Datum],
+    nulls: &mut [bool],
+) {
+    unsafe {
+        let mut tupdesc = (*rsinfo).expectedDesc;
+        if tupdesc.is_null() {
+            let mut desc = std::ptr::null_mut();
+            pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut desc);
+            tupdesc = desc;
+        }
+        let per_query = (*(*rsinfo).econtext).ecxt_per_query_memory;
+        let old = pg_sys::MemoryContextSwitchTo(per_query);
+        let store = pg_sys::tuplestore_begin_heap(true, false, pg_sys::work_mem);
+        pg_sys::tuplestore_putvalues(store, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::MemoryContextSwitchTo(old);
+        (*rsinfo).setResult = store;
+        // setDesc stays NULL: the executor would free a descriptor it does not own.
+    }
 }
 
 fn create_api_key_impl(
@@ -640,33 +736,13 @@ pub unsafe extern "C-unwind" fn keyhippo_verify_api_key(
 ) -> pg_sys::Datum {
     // SAFETY: called by the executor through the V1 convention with one text argument.
     unsafe {
-        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
-        let materialize = pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32;
-        if rsinfo.is_null()
-            || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
-            || (*rsinfo).allowedModes & materialize == 0
-        {
-            or_raise::<()>(Err(KeyhippoError::InvalidArgument(
-                "keyhippo: verify_api_key must be called where a set of rows is accepted".into(),
-            )));
-        }
+        let rsinfo = set_returning_info(fcinfo, "verify_api_key");
         let api_key = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
-        (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
-        (*fcinfo).isnull = true;
         let Some(v) = or_raise(verify(api_key)) else {
             // No tuplestore: the executor reads that as an empty set.
             return pg_sys::Datum::from(0);
         };
-        let mut tupdesc = (*rsinfo).expectedDesc;
-        if tupdesc.is_null() {
-            let mut desc = std::ptr::null_mut();
-            pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut desc);
-            tupdesc = desc;
-        }
-        let per_query = (*(*rsinfo).econtext).ecxt_per_query_memory;
-        let old = pg_sys::MemoryContextSwitchTo(per_query);
-        // The values point at memory of this frame and of `v`: tuplestore_putvalues copies them
-        // into the row it stores.
+        // The values point at memory of this frame and of `v`: the tuplestore copies them.
         let user_id = *v.user_id.as_bytes();
         let scope_id = v.scope_id.map(|s| *s.as_bytes()).unwrap_or([0; 16]);
         let mut values = [
@@ -674,12 +750,12 @@ pub unsafe extern "C-unwind" fn keyhippo_verify_api_key(
             pg_sys::Datum::from(scope_id.as_ptr()),
             v.permissions.array_datum(),
         ];
-        let mut nulls = [false, v.scope_id.is_none(), false];
-        let store = pg_sys::tuplestore_begin_heap(true, false, pg_sys::work_mem);
-        pg_sys::tuplestore_putvalues(store, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::MemoryContextSwitchTo(old);
-        (*rsinfo).setResult = store;
-        // setDesc stays NULL: the executor would free a descriptor it does not own.
+        return_row(
+            fcinfo,
+            rsinfo,
+            &mut values,
+            &mut [false, v.scope_id.is_none(), false],
+        );
         pg_sys::Datum::from(0)
     }
 }

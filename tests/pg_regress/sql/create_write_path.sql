@@ -3,6 +3,16 @@
 -- the foreign keys and the triggers still enforced.
 \set ON_ERROR_STOP 0
 \set A '{"sub":"aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa","role":"authenticated"}'
+\echo '--- the result: a row type with the columns of KeyHippo 1.2.5 RETURNS TABLE; SECURITY DEFINER,'
+\echo '--- search_path pinned, at most one row'
+select pg_get_function_result(p.oid) as result, pg_get_function_arguments(p.oid) as arguments,
+       p.prosecdef, p.proconfig, p.prorows, p.provolatile
+  from pg_proc p where p.oid = 'keyhippo.create_api_key(text,text)'::regprocedure;
+select a.attname, format_type(a.atttypid, a.atttypmod) as type
+  from pg_attribute a
+ where a.attrelid = 'keyhippo.create_api_key_result'::regclass and a.attnum > 0
+ order by a.attnum;
+
 begin;
 insert into auth.users (id, email) values ('aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', 'a@example.com');
 create temp table issued (api_key text, id uuid);
@@ -26,6 +36,14 @@ select count(*) as audit_rows, bool_and(a.data -> 'new_data' = to_jsonb(m)) as a
   join keyhippo.audit_log a on a.action = 'INSERT' and a.table_name = 'api_key_metadata'
                             and (a.data -> 'new_data' ->> 'id')::uuid = m.id;
 select count(*) as verified from issued i, keyhippo.verify_api_key(i.api_key);
+
+\echo '--- every way of reading the result, as with RETURNS TABLE'
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+select length(api_key) as key_length, api_key_id is not null as has_id from keyhippo.create_api_key('star');
+select length((keyhippo.create_api_key('column of call')).api_key) as key_length;
+select (k).api_key_id is not null as has_id from keyhippo.create_api_key('row value') k;
+reset role;
 
 \echo '--- in another time zone, and for a rotated key carrying claims, the audit row is still to_jsonb of the row'
 set local timezone = 'America/New_York';
