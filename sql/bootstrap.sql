@@ -115,6 +115,12 @@ CREATE TABLE keyhippo.api_key_metadata (
 -- covers) stays a HOT update on the same page and adds no index entries.
 WITH (fillfactor = 80);
 CREATE INDEX api_key_metadata_user_id_idx ON keyhippo.api_key_metadata (user_id);
+-- How verify finds a key by its prefix: one bucket page (the hash index's metapage is cached
+-- per backend) instead of a B-tree descent of two or three pages with a text comparison at
+-- each step, about a tenth of verify's work, and at a million keys fewer pages that miss the
+-- CPU caches. The UNIQUE constraint keeps its B-tree (a hash index cannot be unique); rows the
+-- hash index returns are checked to carry the prefix looked up (src/lookup.rs).
+CREATE INDEX api_key_metadata_prefix_hash_idx ON keyhippo.api_key_metadata USING hash (prefix);
 -- Partial: most keys have no scope, and those need no entry (deleting a scope still finds its
 -- keys here, since scope_id = $1 implies scope_id IS NOT NULL). One index write less per key.
 CREATE INDEX api_key_metadata_scope_id_idx ON keyhippo.api_key_metadata (scope_id)

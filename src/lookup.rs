@@ -31,7 +31,14 @@ pub struct KeyRow {
 #[derive(Clone, Copy)]
 struct Rels {
     metadata: pg_sys::Oid,
+    /// The index verify finds a prefix with: the hash index on prefix when there is one (one
+    /// bucket page instead of a B-tree descent), the unique B-tree otherwise.
     prefix_index: pg_sys::Oid,
+    /// The unique B-tree index on prefix (the constraint).
+    prefix_unique: pg_sys::Oid,
+    /// Attribute number of prefix: every row found is checked to have the prefix looked up (a
+    /// hash index returns every row whose prefix has the same 32-bit hash code).
+    prefix_att: i16,
     secrets: pg_sys::Oid,
     secrets_pkey: pg_sys::Oid,
     audit_log: pg_sys::Oid,
@@ -160,6 +167,7 @@ unsafe extern "C-unwind" fn forget_relations(_arg: pg_sys::Datum, relid: pg_sys:
         [
             r.metadata,
             r.prefix_index,
+            r.prefix_unique,
             r.secrets,
             r.secrets_pkey,
             r.audit_log,
@@ -221,20 +229,30 @@ unsafe fn rels() -> Option<Rels> {
             att(metadata, c"expires_at"),
             att(metadata, c"is_revoked"),
         ];
+        let prefix_att = att(metadata, c"prefix");
+        let prefix_unique = relid(c"api_key_metadata_prefix_key", namespace);
+        let prefix_hash = relid(c"api_key_metadata_prefix_hash_idx", namespace);
         let rels = Rels {
             metadata,
-            prefix_index: relid(c"api_key_metadata_prefix_key", namespace),
+            prefix_index: if prefix_hash != pg_sys::InvalidOid {
+                prefix_hash
+            } else {
+                prefix_unique
+            },
+            prefix_unique,
+            prefix_att,
             secrets,
             secrets_pkey,
             audit_log: relid(c"audit_log", namespace),
             metadata_atts,
-            metadata_last_att: *metadata_atts.iter().max().unwrap_or(&0),
+            metadata_last_att: *metadata_atts.iter().max().unwrap_or(&0).max(&prefix_att),
             hash_att,
             hash_in_index: secrets_pkey != pg_sys::InvalidOid
                 && hash_att > 0
                 && hash_included(secrets_pkey, hash_att),
         };
         let all_found = rels.prefix_index != pg_sys::InvalidOid
+            && rels.prefix_att > 0
             && rels.secrets != pg_sys::InvalidOid
             && rels.secrets_pkey != pg_sys::InvalidOid
             && rels.metadata_atts.iter().all(|&a| a > 0)
@@ -326,11 +344,16 @@ impl Probe {
             let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
             // The key's collation must be the index's: B-tree descends with it.
             let collation = *(*idx).rd_indcollation;
+            let strategy = if (*(*idx).rd_rel).relam == pg_sys::HASH_AM_OID {
+                pg_sys::HTEqualStrategyNumber
+            } else {
+                pg_sys::BTEqualStrategyNumber
+            };
             raw::ScanKeyEntryInitialize(
                 &mut key,
                 0,
                 1,
-                pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                strategy as pg_sys::StrategyNumber,
                 pg_sys::InvalidOid,
                 collation,
                 pg_sys::Oid::from(eq_proc),
@@ -379,6 +402,17 @@ unsafe fn uuid_bytes(datum: pg_sys::Datum) -> [u8; 16] {
     unsafe { *(datum.cast_mut_ptr::<[u8; 16]>()) }
 }
 
+/// Whether text datum `datum` holds exactly `bytes`. Only inside a boundary.
+unsafe fn text_equals(datum: pg_sys::Datum, bytes: &[u8]) -> bool {
+    unsafe {
+        let text = raw::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let len = pgrx::varlena::varsize_any_exhdr(text);
+        len == bytes.len()
+            && std::slice::from_raw_parts(pgrx::varlena::vardata_any(text) as *const u8, len)
+                == bytes
+    }
+}
+
 /// Copies the text datum `datum` into `found.hash`.
 unsafe fn copy_hash(datum: pg_sys::Datum, found: &mut Found) {
     unsafe {
@@ -413,13 +447,17 @@ unsafe fn metadata_row(
                 let i = (att - 1) as usize;
                 (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
             };
+            // Another prefix with the same hash code: not this key, look further.
+            if !value(rels.prefix_att).is_some_and(|d| text_equals(d, prefix)) {
+                return None;
+            }
             let (Some(id), Some(user), Some(expires), Some(revoked)) = (
                 value(a_id),
                 value(a_user),
                 value(a_expires),
                 value(a_revoked),
             ) else {
-                return false;
+                return Some(false);
             };
             found.id = uuid_bytes(id);
             found.user_id = uuid_bytes(user);
@@ -427,10 +465,10 @@ unsafe fn metadata_row(
             found.last_used_at = value(a_used).map(|d| d.value() as i64);
             found.expires_at = expires.value() as i64;
             found.is_revoked = revoked.value() != 0;
-            true
+            Some(true)
         };
         let key = pg_sys::Datum::from(text);
-        first_row(
+        matching_row(
             rels.metadata,
             rels.prefix_index,
             snapshot,
@@ -443,20 +481,23 @@ unsafe fn metadata_row(
 }
 
 /// Probes `index` of `table` for `value` (with equality function `eq_proc`) under `snapshot`
-/// and calls `read` on the first visible row. Only inside a boundary, with a `read` that owns
-/// nothing needing a drop.
-unsafe fn first_row<R>(
+/// and calls `read` on each visible row it returns until `read` returns Some (the row is the one
+/// looked for). Only inside a boundary, with a `read` that owns nothing needing a drop.
+unsafe fn matching_row<R>(
     table: pg_sys::Oid,
     index: pg_sys::Oid,
     snapshot: pg_sys::Snapshot,
     eq_proc: u32,
     value: pg_sys::Datum,
-    read: impl FnOnce(*mut pg_sys::TupleTableSlot) -> R,
+    mut read: impl FnMut(*mut pg_sys::TupleTableSlot) -> Option<R>,
 ) -> Option<R> {
     unsafe {
         let probe = Probe::begin(table, index, snapshot, eq_proc, value, false);
         let slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
-        let result = raw::index_getnext_slot(probe.scan, FORWARD, slot).then(|| read(slot));
+        let mut result = None;
+        while result.is_none() && raw::index_getnext_slot(probe.scan, FORWARD, slot) {
+            result = read(slot);
+        }
         raw::ExecDropSingleTupleTableSlot(slot);
         probe.end();
         result

@@ -228,4 +228,52 @@ mod tests {
         Spi::run("SELECT set_config('request.headers', '', true)").unwrap();
         assert_eq!(who().as_deref(), Some(USER_B));
     }
+
+    /// verify finds a prefix through a hash index, which returns every row whose prefix has
+    /// the same 32-bit hash code: two keys whose prefixes collide must each verify as
+    /// themselves (whichever comes first in the bucket), and a wrong secret as neither.
+    #[pg_test]
+    fn prefixes_with_the_same_hash_code_verify_as_their_own_key() {
+        use keyhippo_core::{hash, token};
+        // A pair of prefixes with equal hashtext() (the hash index's hash code): among 300,000
+        // candidates about ten pairs are expected.
+        let (p1, p2) = Spi::get_two::<String, String>(
+            "SELECT min(p), max(p) FROM (SELECT 'kh_' || substr(md5(i::text), 1, 16) AS p \
+               FROM generate_series(1, 300000) i) c \
+              GROUP BY hashtext(p) HAVING count(*) = 2 ORDER BY 1 LIMIT 1",
+        )
+        .unwrap();
+        let (p1, p2) = (p1.unwrap(), p2.unwrap());
+        let mut ids = Vec::new();
+        let mut keys = Vec::new();
+        for (prefix, fill) in [(&p1, "A"), (&p2, "B")] {
+            let key = token::seal(format!("{prefix}_{}", fill.repeat(token::SECRET_LEN)));
+            assert_eq!(token::parse(&key).unwrap().prefix, prefix.as_str());
+            let id = Spi::get_one::<pgrx::Uuid>(&format!(
+                "INSERT INTO keyhippo.api_key_metadata (user_id, prefix, description) \
+                 VALUES ('{USER_A}', '{prefix}', 'collision') RETURNING id"
+            ))
+            .unwrap()
+            .unwrap();
+            Spi::run(&format!(
+                "INSERT INTO keyhippo.api_key_secrets VALUES ('{id}', '{}')",
+                hash::hash_key(&key)
+            ))
+            .unwrap();
+            ids.push(id);
+            keys.push(key);
+        }
+        let found = |key: &str| crate::keys::verify(Some(key)).ok().flatten().map(|v| v.id);
+        assert_eq!(found(&keys[0]), Some(ids[0]));
+        assert_eq!(found(&keys[1]), Some(ids[1]));
+        let wrong = token::seal(format!("{p1}_{}", "C".repeat(token::SECRET_LEN)));
+        assert_eq!(found(&wrong), None);
+        // Both were found through the hash index.
+        let hash_scans = Spi::get_one::<i64>(
+            "SELECT pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_hash_idx'::regclass)",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(hash_scans >= 3, "hash index scans: {hash_scans}");
+    }
 }

@@ -57,6 +57,25 @@ alter table keyhippo.api_key_secrets add constraint api_key_secrets_pkey primary
 select count(*) as verifies_without_include from keyhippo.verify_api_key(:'k');
 rollback;
 
+\echo '--- verify finds the prefix through the hash index on prefix (one scan of it per verify,'
+\echo '--- none of the unique B-tree), and through the unique B-tree once the hash index is gone'
+begin;
+insert into auth.users (id, email) values ('aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', 'a@example.com');
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+select api_key as k from keyhippo.create_api_key('hash index') \gset
+reset role;
+select pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_hash_idx'::regclass) as h0,
+       pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_key'::regclass) as b0 \gset
+select count(*) as verifies from keyhippo.verify_api_key(:'k');
+select count(*) as verifies from keyhippo.verify_api_key(:'k');
+select pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_hash_idx'::regclass) - :h0 as hash_index_scans,
+       pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_key'::regclass) - :b0 as unique_btree_scans;
+drop index keyhippo.api_key_metadata_prefix_hash_idx;
+select count(*) as verifies_without_hash_index from keyhippo.verify_api_key(:'k');
+select pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_key'::regclass) - :b0 as unique_btree_scans;
+rollback;
+
 \echo '--- permissions: the next verify in the same session sees a change to the scope'
 begin;
 insert into auth.users (id, email) values ('aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', 'a@example.com');
