@@ -163,6 +163,10 @@ unsafe fn skip_checks_done(
 /// check is made), inside a transaction with an active snapshot.
 pub unsafe fn insert_rows(rows: &[Row<'_>]) -> bool {
     unsafe {
+        // What the executor checks before an INSERT (ExecCheckXactReadOnly, and the standby's
+        // refusal to assign a transaction id), as the same clean 25006 error.
+        pg_sys::PreventCommandIfReadOnly(c"INSERT".as_ptr());
+        pg_sys::PreventCommandDuringRecovery(c"INSERT".as_ptr());
         let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
         let mut relations = Vec::with_capacity(rows.len());
         let mut orders = Vec::with_capacity(rows.len());

@@ -244,30 +244,36 @@ mod tests {
         )
         .unwrap();
         let (p1, p2) = (p1.unwrap(), p2.unwrap());
-        let mut ids = Vec::new();
+        // Two owners, so that verify's answer says which row it found.
+        const OWNERS: [&str; 2] = [
+            "c0000000-0000-4000-8000-000000000001",
+            "c0000000-0000-4000-8000-000000000002",
+        ];
         let mut keys = Vec::new();
-        for (prefix, fill) in [(&p1, "A"), (&p2, "B")] {
+        for ((prefix, fill), owner) in [(&p1, "A"), (&p2, "B")].into_iter().zip(OWNERS) {
             let key = token::seal(format!("{prefix}_{}", fill.repeat(token::SECRET_LEN)));
             assert_eq!(token::parse(&key).unwrap().prefix, prefix.as_str());
-            let id = Spi::get_one::<pgrx::Uuid>(&format!(
-                "INSERT INTO keyhippo.api_key_metadata (user_id, prefix, description) \
-                 VALUES ('{USER_A}', '{prefix}', 'collision') RETURNING id"
-            ))
-            .unwrap()
-            .unwrap();
             Spi::run(&format!(
-                "INSERT INTO keyhippo.api_key_secrets VALUES ('{id}', '{}')",
+                "WITH m AS (INSERT INTO keyhippo.api_key_metadata (user_id, prefix, description) \
+                            VALUES ('{owner}', '{prefix}', 'collision') RETURNING id) \
+                 INSERT INTO keyhippo.api_key_secrets SELECT m.id, '{}' FROM m",
                 hash::hash_key(&key)
             ))
             .unwrap();
-            ids.push(id);
             keys.push(key);
         }
-        let found = |key: &str| crate::keys::verify(Some(key)).ok().flatten().map(|v| v.id);
-        assert_eq!(found(&keys[0]), Some(ids[0]));
-        assert_eq!(found(&keys[1]), Some(ids[1]));
+        // Through SQL, so that verify runs under a snapshot that sees the rows just inserted.
+        let owner_of = |key: &str| {
+            Spi::get_one::<pgrx::Uuid>(&format!(
+                "SELECT (SELECT user_id FROM keyhippo.verify_api_key('{key}'))"
+            ))
+            .unwrap()
+            .map(|u| u.to_string())
+        };
+        assert_eq!(owner_of(&keys[0]).as_deref(), Some(OWNERS[0]));
+        assert_eq!(owner_of(&keys[1]).as_deref(), Some(OWNERS[1]));
         let wrong = token::seal(format!("{p1}_{}", "C".repeat(token::SECRET_LEN)));
-        assert_eq!(found(&wrong), None);
+        assert_eq!(owner_of(&wrong), None);
         // Both were found through the hash index.
         let hash_scans = Spi::get_one::<i64>(
             "SELECT pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_hash_idx'::regclass)",

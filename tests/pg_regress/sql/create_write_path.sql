@@ -115,6 +115,18 @@ select count(*) as orphan_hashes from keyhippo.api_key_secrets s
  where not exists (select 1 from keyhippo.api_key_metadata m where m.id = s.key_metadata_id);
 rollback to savepoint cascade;
 
+\echo '--- READ ONLY: create writes nothing and says why (25006), as an INSERT would'
+savepoint read_only;
+set local transaction_read_only = on;
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+\set VERBOSITY terse
+select count(*) from keyhippo.create_api_key('read only');
+\echo :LAST_ERROR_SQLSTATE
+\set VERBOSITY default
+rollback to savepoint read_only;
+reset role;
+
 \echo '--- a user-defined trigger on the key table fires for keys created by create_api_key'
 create function pg_temp.seen() returns trigger language plpgsql as $$
 begin raise notice 'trigger saw a new key: %', new.description; return new; end $$;
