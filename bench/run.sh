@@ -97,6 +97,12 @@ for r in $(seq 1 "$ROUNDS"); do
     done
 done
 
+# How the background worker's writes of last_used_at went during the pgbench rounds: rows
+# updated, and how many of them as HOT updates (no index entries).
+q -c "SELECT keyhippo.flush_key_usage()" >/dev/null
+sleep 1
+read -r upd hot <<<"$(q -F ' ' -c "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'keyhippo.api_key_metadata'::regclass")"
+
 cost() { q -c "$AS_USER" -f bench/cost.sql -c "BEGIN" -c "SELECT round(pg_temp.cost_$1(10000)::numeric, 1)" -c "ROLLBACK" | tail -1; }
 # What runs before leaves work behind: uses for the background worker to write, dead row
 # versions for autovacuum (the create and revoke loops roll back 10,000 new keys each), dirty
@@ -136,6 +142,7 @@ if [ -f "$OUT/verify10k.tps" ]; then
     echo "| verify over the first 10,000, cache on | $v10kc tps | $(paste -sd' ' "$OUT/verify10k_cache.tps") |"
     echo "| verify at $N keys / at 10,000, cache on | $(div "$vc" "$v10kc") | |"
 fi
+echo "| last_used_at rows written during the pgbench rounds (HOT updates) | $upd ($hot) | |"
 echo "| in-database cost, verify | $(m cost_verify) µs per call (target <= 10) | $(paste -sd' ' "$OUT/cost_verify") |"
 echo "| in-database cost, create | $(m cost_create) µs per call (target <= 100) | $(paste -sd' ' "$OUT/cost_create") |"
 echo "| in-database cost, revoke | $(m cost_revoke) µs per call | $(paste -sd' ' "$OUT/cost_revoke") |"
