@@ -39,6 +39,10 @@ update keyhippo.api_key_metadata set description = 'Renamed' where id = (select 
 -- A verify records use; that is not audited.
 select count(*) as verified from issued i, keyhippo.verify_api_key(i.api_key);
 reset role;
+-- Nor is any other change of last_used_at alone; one that also changes another column is.
+update keyhippo.api_key_metadata set last_used_at = now() - interval '1 day' where description = 'Renamed';
+update keyhippo.api_key_metadata set last_used_at = now(), description = 'Renamed again' where description = 'Renamed';
+update keyhippo.api_key_metadata set description = 'Renamed' where description = 'Renamed again';
 select * from pg_temp.audit_rows();
 
 \echo '--- an RBAC change by admin C, a config change, and service_role revoking'
