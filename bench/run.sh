@@ -66,6 +66,10 @@ cat >"$OUT/verify.sql" <<SQL
 \set i random(1, $N)
 SELECT user_id FROM keyhippo.verify_api_key((SELECT key FROM bench_keys WHERE i = :i));
 SQL
+cat >"$OUT/floor10k.sql" <<SQL
+\set i random(1, 10000)
+SELECT key FROM bench_keys WHERE i = :i;
+SQL
 cat >"$OUT/verify10k.sql" <<SQL
 \set i random(1, 10000)
 SELECT user_id FROM keyhippo.verify_api_key((SELECT key FROM bench_keys WHERE i = :i));
@@ -88,7 +92,7 @@ pgb() {
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 kinds="floor verify select1"
-[ "$N" -gt 10000 ] && kinds="$kinds verify10k verify_cache verify10k_cache"
+[ "$N" -gt 10000 ] && kinds="$kinds floor10k verify10k verify_cache verify10k_cache"
 for r in $(seq 1 "$ROUNDS"); do
     for k in $kinds; do
         read -r tps lat <<<"$(pgb "$OUT/$k.sql")"
@@ -137,6 +141,9 @@ if [ -f "$OUT/verify10k.tps" ]; then
     v10k=$(m verify10k.tps)
     echo "| verify, keys drawn from the first 10,000 | $v10k tps | $(paste -sd' ' "$OUT/verify10k.tps") |"
     echo "| **verify at $N keys / at 10,000** | **$(div "$verify" "$v10k")** (target >= 0.9) | |"
+    f10k=$(m floor10k.tps)
+    echo "| floor, keys drawn from the first 10,000 | $f10k tps | $(paste -sd' ' "$OUT/floor10k.tps") |"
+    echo "| floor at $N keys / at 10,000 (the same scaling for the bare lookup) | $(div "$floor" "$f10k") | |"
     vc=$(m verify_cache.tps); v10kc=$(m verify10k_cache.tps)
     echo "| verify with the verified-key cache on (\`keyhippo.verified_key_cache = on\`) | $vc tps, $(m verify_cache.lat) ms | $(paste -sd' ' "$OUT/verify_cache.tps") |"
     echo "| verify over the first 10,000, cache on | $v10kc tps | $(paste -sd' ' "$OUT/verify10k_cache.tps") |"
