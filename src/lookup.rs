@@ -41,6 +41,12 @@ struct Rels {
     prefix_att: i16,
     secrets: pg_sys::Oid,
     secrets_pkey: pg_sys::Oid,
+    /// The hash index on api_key_secrets.key_metadata_id, when there is one: how verify finds
+    /// the hash (one bucket page and the row, instead of a B-tree descent to the primary key's
+    /// INCLUDE column).
+    secrets_hash: pg_sys::Oid,
+    /// Attribute number of key_metadata_id (rows the hash index returns are checked for it).
+    secrets_key_att: i16,
     audit_log: pg_sys::Oid,
     /// Attribute numbers of id, user_id, scope_id, last_used_at, expires_at, is_revoked.
     metadata_atts: [i16; 6],
@@ -170,6 +176,7 @@ unsafe extern "C-unwind" fn forget_relations(_arg: pg_sys::Datum, relid: pg_sys:
             r.prefix_unique,
             r.secrets,
             r.secrets_pkey,
+            r.secrets_hash,
             r.audit_log,
         ]
         .contains(&relid)
@@ -220,6 +227,7 @@ unsafe fn rels() -> Option<Rels> {
         let att = |rel: pg_sys::Oid, name: &CStr| pg_sys::get_attnum(rel, name.as_ptr());
         let secrets = relid(c"api_key_secrets", namespace);
         let secrets_pkey = relid(c"api_key_secrets_pkey", namespace);
+        let secrets_hash = relid(c"api_key_secrets_key_metadata_id_hash_idx", namespace);
         let hash_att = att(secrets, c"key_hash");
         let metadata_atts = [
             att(metadata, c"id"),
@@ -243,6 +251,8 @@ unsafe fn rels() -> Option<Rels> {
             prefix_att,
             secrets,
             secrets_pkey,
+            secrets_hash,
+            secrets_key_att: att(secrets, c"key_metadata_id"),
             audit_log: relid(c"audit_log", namespace),
             metadata_atts,
             metadata_last_att: *metadata_atts.iter().max().unwrap_or(&0).max(&prefix_att),
@@ -256,7 +266,8 @@ unsafe fn rels() -> Option<Rels> {
             && rels.secrets != pg_sys::InvalidOid
             && rels.secrets_pkey != pg_sys::InvalidOid
             && rels.metadata_atts.iter().all(|&a| a > 0)
-            && rels.hash_att > 0;
+            && rels.hash_att > 0
+            && rels.secrets_key_att > 0;
         if !all_found {
             return None;
         }
@@ -402,6 +413,48 @@ unsafe fn uuid_bytes(datum: pg_sys::Datum) -> [u8; 16] {
     unsafe { *(datum.cast_mut_ptr::<[u8; 16]>()) }
 }
 
+/// The key hash of key row `found.id` through the hash index on key_metadata_id: the bucket
+/// page, then the row (checked to be this key's: the index returns every row whose id has the
+/// same 32-bit hash code). Only inside the lookup's boundary.
+unsafe fn secret_hash_by_hash_index(
+    rels: &Rels,
+    snapshot: pg_sys::Snapshot,
+    found: &mut Found,
+) -> bool {
+    unsafe {
+        let id = found.id;
+        let last = rels.hash_att.max(rels.secrets_key_att);
+        let read = |slot: *mut pg_sys::TupleTableSlot| {
+            if ((*slot).tts_nvalid as i16) < last {
+                raw::slot_getsomeattrs_int(slot, last as i32);
+            }
+            let value = |att: i16| {
+                let i = (att - 1) as usize;
+                (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
+            };
+            if !value(rels.secrets_key_att).is_some_and(|d| uuid_bytes(d) == id) {
+                return None;
+            }
+            Some(match value(rels.hash_att) {
+                Some(hash) => {
+                    copy_hash(hash, found);
+                    true
+                }
+                None => false,
+            })
+        };
+        matching_row(
+            rels.secrets,
+            rels.secrets_hash,
+            snapshot,
+            pg_sys::F_UUID_EQ,
+            pg_sys::Datum::from(id.as_ptr()),
+            read,
+        )
+        .unwrap_or(false)
+    }
+}
+
 /// Whether text datum `datum` holds exactly `bytes`. Only inside a boundary.
 unsafe fn text_equals(datum: pg_sys::Datum, bytes: &[u8]) -> bool {
     unsafe {
@@ -512,6 +565,9 @@ unsafe fn matching_row<R>(
 unsafe fn secret_hash(rels: &Rels, snapshot: pg_sys::Snapshot, found: &mut Found) -> bool {
     unsafe {
         let id = found.id;
+        if rels.secrets_hash != pg_sys::InvalidOid {
+            return secret_hash_by_hash_index(rels, snapshot, found);
+        }
         let probe = Probe::begin(
             rels.secrets,
             rels.secrets_pkey,

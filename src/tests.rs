@@ -229,9 +229,10 @@ mod tests {
         assert_eq!(who().as_deref(), Some(USER_B));
     }
 
-    /// verify finds a prefix through a hash index, which returns every row whose prefix has
-    /// the same 32-bit hash code: two keys whose prefixes collide must each verify as
-    /// themselves (whichever comes first in the bucket), and a wrong secret as neither.
+    /// verify finds a prefix, and then the hash by key id, through hash indexes, which return
+    /// every row whose value has the same 32-bit hash code: two keys whose prefixes collide
+    /// and whose ids collide must each verify as themselves (whichever comes first in the
+    /// bucket), and a wrong secret as neither.
     #[pg_test]
     fn prefixes_with_the_same_hash_code_verify_as_their_own_key() {
         use keyhippo_core::{hash, token};
@@ -244,18 +245,28 @@ mod tests {
         )
         .unwrap();
         let (p1, p2) = (p1.unwrap(), p2.unwrap());
+        // And a pair of ids with equal uuid_hash() (the hash index on key_metadata_id).
+        let (u1, u2) = Spi::get_two::<String, String>(
+            "SELECT min(u::text), max(u::text) FROM (SELECT md5(i::text)::uuid AS u \
+               FROM generate_series(1, 300000) i) c \
+              GROUP BY uuid_hash(u) HAVING count(*) = 2 ORDER BY 1 LIMIT 1",
+        )
+        .unwrap();
+        let ids = [u1.unwrap(), u2.unwrap()];
         // Two owners, so that verify's answer says which row it found.
         const OWNERS: [&str; 2] = [
             "c0000000-0000-4000-8000-000000000001",
             "c0000000-0000-4000-8000-000000000002",
         ];
         let mut keys = Vec::new();
-        for ((prefix, fill), owner) in [(&p1, "A"), (&p2, "B")].into_iter().zip(OWNERS) {
+        for (((prefix, fill), owner), id) in
+            [(&p1, "A"), (&p2, "B")].into_iter().zip(OWNERS).zip(&ids)
+        {
             let key = token::seal(format!("{prefix}_{}", fill.repeat(token::SECRET_LEN)));
             assert_eq!(token::parse(&key).unwrap().prefix, prefix.as_str());
             Spi::run(&format!(
-                "WITH m AS (INSERT INTO keyhippo.api_key_metadata (user_id, prefix, description) \
-                            VALUES ('{owner}', '{prefix}', 'collision') RETURNING id) \
+                "WITH m AS (INSERT INTO keyhippo.api_key_metadata (id, user_id, prefix, description) \
+                            VALUES ('{id}', '{owner}', '{prefix}', 'collision') RETURNING id) \
                  INSERT INTO keyhippo.api_key_secrets SELECT m.id, '{}' FROM m",
                 hash::hash_key(&key)
             ))
@@ -274,12 +285,17 @@ mod tests {
         assert_eq!(owner_of(&keys[1]).as_deref(), Some(OWNERS[1]));
         let wrong = token::seal(format!("{p1}_{}", "C".repeat(token::SECRET_LEN)));
         assert_eq!(owner_of(&wrong), None);
-        // Both were found through the hash index.
-        let hash_scans = Spi::get_one::<i64>(
-            "SELECT pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_hash_idx'::regclass)",
-        )
-        .unwrap()
-        .unwrap();
-        assert!(hash_scans >= 3, "hash index scans: {hash_scans}");
+        // Both were found through the hash indexes.
+        for index in [
+            "keyhippo.api_key_metadata_prefix_hash_idx",
+            "keyhippo.api_key_secrets_key_metadata_id_hash_idx",
+        ] {
+            let scans = Spi::get_one::<i64>(&format!(
+                "SELECT pg_stat_get_xact_numscans('{index}'::regclass)"
+            ))
+            .unwrap()
+            .unwrap();
+            assert!(scans >= 2, "{index} scans: {scans}");
+        }
     }
 }

@@ -51,14 +51,18 @@ select count(*) from keyhippo.verify_api_key(:'k');
 \echo :LAST_ERROR_SQLSTATE
 rollback to savepoint renamed;
 select count(*) as verifies_after_rollback from keyhippo.verify_api_key(:'k');
-\echo '--- the hash column no longer in the primary key index: verify reads the heap row'
+\echo '--- without the hash index on key_metadata_id, verify reads the hash from the primary key'
+\echo '--- (index-only where the page is all-visible), and without the INCLUDE from the heap row'
+drop index keyhippo.api_key_secrets_key_metadata_id_hash_idx;
+select count(*) as verifies_through_primary_key from keyhippo.verify_api_key(:'k');
 alter table keyhippo.api_key_secrets drop constraint api_key_secrets_pkey cascade;
 alter table keyhippo.api_key_secrets add constraint api_key_secrets_pkey primary key (key_metadata_id);
 select count(*) as verifies_without_include from keyhippo.verify_api_key(:'k');
 rollback;
 
-\echo '--- verify finds the prefix through the hash index on prefix (one scan of it per verify,'
-\echo '--- none of the unique B-tree), and through the unique B-tree once the hash index is gone'
+\echo '--- verify finds the prefix through the hash index on prefix and the hash through the hash'
+\echo '--- index on key_metadata_id (one scan of each per verify, none of the B-trees), and the'
+\echo '--- prefix through the unique B-tree once its hash index is gone'
 begin;
 insert into auth.users (id, email) values ('aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', 'a@example.com');
 select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
@@ -66,11 +70,15 @@ set local role authenticated;
 select api_key as k from keyhippo.create_api_key('hash index') \gset
 reset role;
 select pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_hash_idx'::regclass) as h0,
-       pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_key'::regclass) as b0 \gset
+       pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_key'::regclass) as b0,
+       pg_stat_get_xact_numscans('keyhippo.api_key_secrets_key_metadata_id_hash_idx'::regclass) as s0,
+       pg_stat_get_xact_numscans('keyhippo.api_key_secrets_pkey'::regclass) as p0 \gset
 select count(*) as verifies from keyhippo.verify_api_key(:'k');
 select count(*) as verifies from keyhippo.verify_api_key(:'k');
 select pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_hash_idx'::regclass) - :h0 as hash_index_scans,
-       pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_key'::regclass) - :b0 as unique_btree_scans;
+       pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_key'::regclass) - :b0 as unique_btree_scans,
+       pg_stat_get_xact_numscans('keyhippo.api_key_secrets_key_metadata_id_hash_idx'::regclass) - :s0 as secrets_hash_index_scans,
+       pg_stat_get_xact_numscans('keyhippo.api_key_secrets_pkey'::regclass) - :p0 as secrets_pkey_scans;
 drop index keyhippo.api_key_metadata_prefix_hash_idx;
 select count(*) as verifies_without_hash_index from keyhippo.verify_api_key(:'k');
 select pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_key'::regclass) - :b0 as unique_btree_scans;
