@@ -88,7 +88,8 @@ unsafe fn attnum(desc: pg_sys::TupleDesc, name: &CStr) -> Option<pg_sys::AttrNum
 /// Removes from `rri`'s triggers (its own copy of the table's) the foreign key checks that
 /// `reference` makes unnecessary: the RI_FKey_check_ins triggers of single-column foreign keys
 /// from exactly that column to exactly that column of the parent's table. Anything that does
-/// not match exactly keeps its check.
+/// not match exactly keeps its check, and so does everything when a BEFORE ROW INSERT trigger
+/// of this table (or of the earlier row's) could change the values the reference is about.
 unsafe fn skip_checks_done(
     rri: *mut pg_sys::ResultRelInfo,
     rel: pg_sys::Relation,
@@ -97,9 +98,17 @@ unsafe fn skip_checks_done(
 ) {
     unsafe {
         let triggers = (*rri).ri_TrigDesc;
+        let rewrites =
+            |desc: *mut pg_sys::TriggerDesc| !desc.is_null() && (*desc).trig_insert_before_row;
+        if rewrites(triggers) {
+            return;
+        }
         let (parent, parent_column) = match reference.parent {
             Parent::Earlier { row, column } if row < relations.len() => {
                 let parent = relations[row];
+                if rewrites((*parent).trigdesc) {
+                    return;
+                }
                 ((*parent).rd_id, attnum((*parent).rd_att, column))
             }
             Parent::Earlier { .. } => return,

@@ -94,6 +94,23 @@ alter table keyhippo.api_key_metadata add constraint extra_fk
 select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
 set local role authenticated;
 select count(*) from keyhippo.create_api_key('refused by extra owner fk');
+rollback to savepoint extra_fk;
+\echo '--- a BEFORE trigger that rewrites the columns the foreign keys are about: checked as usual'
+create function pg_temp.elsewhere() returns trigger language plpgsql as $$
+begin new.key_metadata_id := '00000000-0000-4000-8000-000000000000'; return new; end $$;
+create trigger a_test_elsewhere before insert on keyhippo.api_key_secrets
+    for each row execute function pg_temp.elsewhere();
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+select count(*) from keyhippo.create_api_key('hash moved by a trigger');
+rollback to savepoint extra_fk;
+create function pg_temp.other_owner() returns trigger language plpgsql as $$
+begin new.user_id := '00000000-0000-4000-8000-000000000000'; return new; end $$;
+create trigger a_test_other_owner before insert on keyhippo.api_key_metadata
+    for each row execute function pg_temp.other_owner();
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+select count(*) from keyhippo.create_api_key('owner moved by a trigger');
 \set VERBOSITY default
 rollback to savepoint extra_fk;
 \echo '--- the same foreign keys again (to the same columns): satisfied, the key is created'
