@@ -656,10 +656,12 @@ pub(crate) fn check_owner_and_scope(
     // Every caller writes a key, and the row lock below is a write: refuse READ ONLY
     // transactions and hot standbys here with the error an INSERT gets (25006), before
     // anything is touched. (The direct write path makes no statement that would check it.)
-    // SAFETY: plain checks of transaction state; they raise an ERROR.
+    let function = std::ffi::CString::new(crate::audit::current_function().unwrap_or("keyhippo"))
+        .unwrap_or_default();
+    // SAFETY: plain checks of transaction state; they raise an ERROR naming the function.
     unsafe {
-        pg_sys::PreventCommandIfReadOnly(c"create_api_key".as_ptr());
-        pg_sys::PreventCommandDuringRecovery(c"create_api_key".as_ptr());
+        pg_sys::PreventCommandIfReadOnly(function.as_ptr());
+        pg_sys::PreventCommandDuringRecovery(function.as_ptr());
     }
     // One index probe and a row lock where auth.users has Supabase's shape; SQL otherwise
     // (plain Postgres, or a differently shaped auth.users).

@@ -39,6 +39,13 @@ savepoint s;
 select * from keyhippo.create_jwt_api_key('bad interval', interval '-1 day');
 \echo :LAST_ERROR_SQLSTATE
 rollback to savepoint s;
+savepoint s;
+set local transaction_read_only = on;
+\set VERBOSITY terse
+select * from keyhippo.create_jwt_api_key('read only');
+\echo :LAST_ERROR_SQLSTATE
+\set VERBOSITY default
+rollback to savepoint s;
 select api_key as token, api_key_id as id from keyhippo.create_jwt_api_key('CI deploy') \gset
 
 \echo '--- the token: HS256, the documented claims, a signature pgcrypto agrees with'
