@@ -41,13 +41,17 @@ pub enum Parent<'a> {
     /// Row `row` of the same call (written before this one), whose `column` has this row's
     /// value: this transaction has just inserted it, and no other can see or delete it.
     Earlier { row: usize, column: &'a CStr },
-    /// The row of `table` whose column `column` (an attribute number) has this row's value,
-    /// which this transaction has found and locked FOR KEY SHARE, as the check would have
-    /// (see `lookup::lock_auth_user`).
-    Locked {
-        table: pg_sys::Oid,
-        column: pg_sys::AttrNumber,
-    },
+    /// The row of another table whose key column has this row's value, which this transaction
+    /// has found and locked FOR KEY SHARE, as the check would have.
+    Locked(LockedRow),
+}
+
+/// A row this transaction holds FOR KEY SHARE (see `lookup::lock_auth_user`): its table and
+/// the key column (an attribute number) it was found by.
+#[derive(Clone, Copy)]
+pub struct LockedRow {
+    pub table: pg_sys::Oid,
+    pub column: pg_sys::AttrNumber,
 }
 
 /// The attribute number of every column of `desc` in `values` order, when the table's live
@@ -112,7 +116,7 @@ unsafe fn skip_checks_done(
                 ((*parent).rd_id, attnum((*parent).rd_att, column))
             }
             Parent::Earlier { .. } => return,
-            Parent::Locked { table, column } => (table, Some(column)),
+            Parent::Locked(row) => (row.table, Some(row.column)),
         };
         let (Some(column), Some(parent_column)) =
             (attnum((*rel).rd_att, reference.column), parent_column)

@@ -11,6 +11,7 @@ use pgrx::{JsonB, Uuid};
 
 use crate::audit::function_scope;
 use crate::context::{self, scope_permissions_of};
+use crate::direct_insert::LockedRow;
 use crate::error::{or_raise, KeyhippoError, Result};
 use crate::plans::{types, Plan};
 use keyhippo_core::{hash, token};
@@ -191,7 +192,7 @@ struct NewKey<'a> {
     user_id: Uuid,
     /// auth.users and its key column when this transaction holds a FOR KEY SHARE lock on the
     /// owner's row (see [`check_owner_and_scope`]).
-    owner_locked: Option<(pg_sys::Oid, pg_sys::AttrNumber)>,
+    owner_locked: Option<LockedRow>,
     scope_id: Option<Uuid>,
     description: Option<&'a str>,
     claims: Option<JsonB>,
@@ -268,7 +269,7 @@ fn insert_key_rows(
     audit_id: Uuid,
     audit: pg_sys::Datum,
     actor: Option<Uuid>,
-    owner_locked: Option<(pg_sys::Oid, pg_sys::AttrNumber)>,
+    owner_locked: Option<LockedRow>,
 ) -> bool {
     use crate::direct_insert::{insert_rows, Parent, Reference, Row};
     let Some((metadata, secrets, audit_log)) = crate::lookup::key_tables() else {
@@ -309,9 +310,9 @@ fn insert_key_rows(
     ];
     // The owner's auth.users row, when check_owner_and_scope locked it as the foreign key's
     // check would.
-    let owner_reference = owner_locked.map(|(table, column)| Reference {
+    let owner_reference = owner_locked.map(|row| Reference {
         column: c"user_id",
-        parent: Parent::Locked { table, column },
+        parent: Parent::Locked(row),
     });
     // SAFETY: keyhippo's own tables, from its SECURITY DEFINER functions (create, rotate),
     // inside the calling statement's transaction and snapshot.
@@ -666,7 +667,7 @@ pub(crate) fn check_owner_and_scope(
     // One index probe and a row lock where auth.users has Supabase's shape; SQL otherwise
     // (plain Postgres, or a differently shaped auth.users).
     let (exists, locked) = match crate::lookup::lock_auth_user(user) {
-        Some(UserRow::Locked { table, column }) => (true, Some((table, column))),
+        Some(UserRow::Locked(row)) => (true, Some(row)),
         Some(UserRow::Missing) => (false, None),
         Some(UserRow::Conflict) => {
             return Err(KeyhippoError::SerializationFailure(
@@ -703,7 +704,7 @@ pub(crate) struct OwnerCheck {
     pub scope_id: Option<Uuid>,
     /// auth.users and its key column, when the owner's row is locked FOR KEY SHARE by this
     /// transaction.
-    pub locked: Option<(pg_sys::Oid, pg_sys::AttrNumber)>,
+    pub locked: Option<LockedRow>,
 }
 
 /// The id of scope `scope_name` (None for no scope); an unknown scope is an error.

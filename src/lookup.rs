@@ -13,6 +13,8 @@
 //! by a relation-cache invalidation callback (DROP / CREATE EXTENSION, ALTER TABLE ...).
 
 use pgrx::pg_sys;
+
+use crate::direct_insert::LockedRow;
 use std::cell::Cell;
 use std::ffi::CStr;
 
@@ -423,19 +425,11 @@ unsafe fn secret_hash_by_hash_index(
 ) -> bool {
     unsafe {
         let id = found.id;
-        let last = rels.hash_att.max(rels.secrets_key_att);
-        let read = |slot: *mut pg_sys::TupleTableSlot| {
-            if ((*slot).tts_nvalid as i16) < last {
-                raw::slot_getsomeattrs_int(slot, last as i32);
-            }
-            let value = |att: i16| {
-                let i = (att - 1) as usize;
-                (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
-            };
-            if !value(rels.secrets_key_att).is_some_and(|d| uuid_bytes(d) == id) {
+        let read = |_: pg_sys::Relation, slot: *mut pg_sys::TupleTableSlot| {
+            if !slot_value(slot, rels.secrets_key_att).is_some_and(|d| uuid_bytes(d) == id) {
                 return None;
             }
-            Some(match value(rels.hash_att) {
+            Some(match slot_value(slot, rels.hash_att) {
                 Some(hash) => {
                     copy_hash(hash, found);
                     true
@@ -452,6 +446,18 @@ unsafe fn secret_hash_by_hash_index(
             read,
         )
         .unwrap_or(false)
+    }
+}
+
+/// Column `att` of the row in `slot` (None for NULL), deforming the row that far if it is not
+/// yet. Only inside a boundary.
+unsafe fn slot_value(slot: *mut pg_sys::TupleTableSlot, att: i16) -> Option<pg_sys::Datum> {
+    unsafe {
+        if ((*slot).tts_nvalid as i16) < att {
+            raw::slot_getsomeattrs_int(slot, att as i32);
+        }
+        let i = (att - 1) as usize;
+        (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
     }
 }
 
@@ -491,15 +497,11 @@ unsafe fn metadata_row(
 ) -> bool {
     unsafe {
         let text = raw::cstring_to_text_with_len(prefix.as_ptr().cast(), prefix.len() as i32);
-        let read = |slot: *mut pg_sys::TupleTableSlot| {
+        let read = |_: pg_sys::Relation, slot: *mut pg_sys::TupleTableSlot| {
             let [a_id, a_user, a_scope, a_used, a_expires, a_revoked] = rels.metadata_atts;
-            if ((*slot).tts_nvalid as i16) < rels.metadata_last_att {
-                raw::slot_getsomeattrs_int(slot, rels.metadata_last_att as i32);
-            }
-            let value = |att: i16| {
-                let i = (att - 1) as usize;
-                (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
-            };
+            // Every column read below, deformed at once.
+            slot_value(slot, rels.metadata_last_att);
+            let value = |att: i16| slot_value(slot, att);
             // Another prefix with the same hash code: not this key, look further.
             if !value(rels.prefix_att).is_some_and(|d| text_equals(d, prefix)) {
                 return None;
@@ -534,22 +536,23 @@ unsafe fn metadata_row(
 }
 
 /// Probes `index` of `table` for `value` (with equality function `eq_proc`) under `snapshot`
-/// and calls `read` on each visible row it returns until `read` returns Some (the row is the one
-/// looked for). Only inside a boundary, with a `read` that owns nothing needing a drop.
+/// and calls `read` (with the table) on each visible row it returns until `read` returns Some
+/// (the row is the one looked for). Only inside a boundary, with a `read` that owns nothing
+/// needing a drop.
 unsafe fn matching_row<R>(
     table: pg_sys::Oid,
     index: pg_sys::Oid,
     snapshot: pg_sys::Snapshot,
     eq_proc: u32,
     value: pg_sys::Datum,
-    mut read: impl FnMut(*mut pg_sys::TupleTableSlot) -> Option<R>,
+    mut read: impl FnMut(pg_sys::Relation, *mut pg_sys::TupleTableSlot) -> Option<R>,
 ) -> Option<R> {
     unsafe {
         let probe = Probe::begin(table, index, snapshot, eq_proc, value, false);
         let slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
         let mut result = None;
         while result.is_none() && raw::index_getnext_slot(probe.scan, FORWARD, slot) {
-            result = read(slot);
+            result = read(probe.heap, slot);
         }
         raw::ExecDropSingleTupleTableSlot(slot);
         probe.end();
@@ -611,12 +614,8 @@ unsafe fn secret_hash(rels: &Rels, snapshot: pg_sys::Snapshot, found: &mut Found
                 slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
             }
             if raw::index_fetch_heap(probe.scan, slot) {
-                let i = rels.hash_att as usize - 1;
-                if ((*slot).tts_nvalid as usize) <= i {
-                    raw::slot_getsomeattrs_int(slot, rels.hash_att as i32);
-                }
-                if !*(*slot).tts_isnull.add(i) {
-                    copy_hash(*(*slot).tts_values.add(i), found);
+                if let Some(hash) = slot_value(slot, rels.hash_att) {
+                    copy_hash(hash, found);
                     got = true;
                 }
                 break;
@@ -746,10 +745,7 @@ unsafe fn snapshot() -> pg_sys::Snapshot {
 pub enum UserRow {
     /// The user exists, and this transaction holds a FOR KEY SHARE lock on its row until it
     /// ends: a concurrent DELETE waits for it (and then cascades to the keys it wrote).
-    Locked {
-        table: pg_sys::Oid,
-        column: pg_sys::AttrNumber,
-    },
+    Locked(LockedRow),
     /// No such user, or deleted by a transaction that committed meanwhile.
     Missing,
     /// Deleted (or its id changed) by a concurrent transaction that this REPEATABLE READ or
@@ -774,29 +770,15 @@ pub fn lock_auth_user(id: pgrx::Uuid) -> Option<UserRow> {
         let key = pg_sys::Datum::from(bytes.as_ptr());
         Some(pg_sys::ffi::pg_guard_ffi_boundary(|| {
             let snapshot = snapshot();
-            let probe = Probe::begin(
+            matching_row(
                 users.table,
                 users.pkey,
                 snapshot,
                 pg_sys::F_UUID_EQ,
                 key,
-                false,
-            );
-            let slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
-            let row = if raw::index_getnext_slot(probe.scan, FORWARD, slot) {
-                lock_row(probe.heap, slot, snapshot, users.column, &bytes)
-            } else {
-                UserRow::Missing
-            };
-            raw::ExecDropSingleTupleTableSlot(slot);
-            probe.end();
-            match row {
-                UserRow::Locked { .. } => UserRow::Locked {
-                    table: users.table,
-                    column: users.column,
-                },
-                other => other,
-            }
+                |heap, slot| Some(lock_row(heap, slot, snapshot, users, &bytes)),
+            )
+            .unwrap_or(UserRow::Missing)
         }))
     }
 }
@@ -807,7 +789,7 @@ unsafe fn lock_row(
     heap: pg_sys::Relation,
     slot: *mut pg_sys::TupleTableSlot,
     snapshot: pg_sys::Snapshot,
-    column: pg_sys::AttrNumber,
+    users: AuthUsers,
     id: &[u8; 16],
 ) -> UserRow {
     use pg_sys::TM_Result::*;
@@ -831,20 +813,16 @@ unsafe fn lock_row(
             flags,
             &mut failure,
         );
-        let locked = UserRow::Locked {
-            table: pg_sys::InvalidOid,
-            column,
-        };
+        let locked = UserRow::Locked(LockedRow {
+            table: users.table,
+            column: users.column,
+        });
         match result {
             TM_Ok if !failure.traversed => locked,
             // A newer version (READ COMMITTED): still this user only if the id is unchanged,
             // the recheck ExecLockRows makes.
             TM_Ok => {
-                raw::slot_getsomeattrs_int(slot, column as i32);
-                let at = (column - 1) as usize;
-                let same =
-                    !*(*slot).tts_isnull.add(at) && uuid_bytes(*(*slot).tts_values.add(at)) == *id;
-                if same {
+                if slot_value(slot, users.column).is_some_and(|d| uuid_bytes(d) == *id) {
                     locked
                 } else {
                     UserRow::Missing
