@@ -197,35 +197,18 @@ pub unsafe fn insert_rows(rows: &[Row<'_>]) -> bool {
             }
         }
 
-        let estate = pg_sys::CreateExecutorState();
-        let mut range_table = std::ptr::null_mut();
-        for &rel in &relations {
-            let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>())
-                as *mut pg_sys::RangeTblEntry;
-            (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
-            (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
-            (*rte).relid = (*rel).rd_id;
-            (*rte).relkind = (*(*rel).rd_rel).relkind;
-            (*rte).rellockmode = lock;
-            range_table = pg_sys::lappend(range_table, rte.cast());
-        }
-        pg_sys::ExecInitRangeTable(estate, range_table);
-        (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-        (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
+        let estate = begin_command(&relations, lock);
 
         // AFTER row triggers (RI checks, audit, expiry) are queued and fired at the end, as at
         // the end of a statement.
         pg_sys::AfterTriggerBeginQuery();
         for (i, (row, order)) in rows.iter().zip(&orders).enumerate() {
-            let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
-                as *mut pg_sys::ResultRelInfo;
-            (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
-            pg_sys::ExecInitResultRelation(estate, rri, (i + 1) as pg_sys::Index);
-            for reference in row.references {
-                // Earlier rows only: relations[..i].
-                skip_checks_done(rri, relations[i], &relations[..i], reference);
-            }
-            pg_sys::ExecOpenIndices(rri, false);
+            let rri = result_relation(estate, i, |rri| {
+                for reference in row.references {
+                    // Earlier rows only: relations[..i].
+                    skip_checks_done(rri, relations[i], &relations[..i], reference);
+                }
+            });
             let slot = pg_sys::table_slot_create(relations[i], &mut (*estate).es_tupleTable);
             pg_sys::ExecClearTuple(slot);
             let natts = (*(*slot).tts_tupleDescriptor).natts as usize;
@@ -242,16 +225,76 @@ pub unsafe fn insert_rows(rows: &[Row<'_>]) -> bool {
             pg_sys::ExecSimpleRelationInsert(rri, estate, slot);
         }
         pg_sys::AfterTriggerEndQuery(estate);
-
-        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
-        pg_sys::ExecCloseResultRelations(estate);
-        pg_sys::ExecCloseRangeTableRelations(estate);
-        pg_sys::FreeExecutorState(estate);
+        end_command(estate);
         for rel in relations {
             pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         }
         // What was written is visible to the statements that follow in this transaction.
         pg_sys::CommandCounterIncrement();
         true
+    }
+}
+
+/// The executor state of one command writing `relations` (opened with `lock`), as
+/// ExecInitModifyTable would set it up: their range table, the command id, the active snapshot.
+///
+/// # Safety
+/// Inside a transaction with an active snapshot; end with [`end_command`].
+pub unsafe fn begin_command(
+    relations: &[pg_sys::Relation],
+    lock: pg_sys::LOCKMODE,
+) -> *mut pg_sys::EState {
+    unsafe {
+        let estate = pg_sys::CreateExecutorState();
+        let mut range_table = std::ptr::null_mut();
+        for &rel in relations {
+            let rte = pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>())
+                as *mut pg_sys::RangeTblEntry;
+            (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
+            (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+            (*rte).relid = (*rel).rd_id;
+            (*rte).relkind = (*(*rel).rd_rel).relkind;
+            (*rte).rellockmode = lock;
+            range_table = pg_sys::lappend(range_table, rte.cast());
+        }
+        pg_sys::ExecInitRangeTable(estate, range_table);
+        (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+        (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
+        estate
+    }
+}
+
+/// The result relation of the command's `index`-th relation, with its indexes open;
+/// `adjust` may edit it (its trigger list is its own copy) before the indexes are opened.
+///
+/// # Safety
+/// `estate` from [`begin_command`], `index` within its relations.
+pub unsafe fn result_relation(
+    estate: *mut pg_sys::EState,
+    index: usize,
+    adjust: impl FnOnce(*mut pg_sys::ResultRelInfo),
+) -> *mut pg_sys::ResultRelInfo {
+    unsafe {
+        let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
+            as *mut pg_sys::ResultRelInfo;
+        (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
+        pg_sys::ExecInitResultRelation(estate, rri, (index + 1) as pg_sys::Index);
+        adjust(rri);
+        pg_sys::ExecOpenIndices(rri, false);
+        rri
+    }
+}
+
+/// Releases what [`begin_command`] and [`result_relation`] set up (slots, indexes, the
+/// executor state); the relations themselves stay open.
+///
+/// # Safety
+/// `estate` from [`begin_command`].
+pub unsafe fn end_command(estate: *mut pg_sys::EState) {
+    unsafe {
+        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+        pg_sys::ExecCloseResultRelations(estate);
+        pg_sys::ExecCloseRangeTableRelations(estate);
+        pg_sys::FreeExecutorState(estate);
     }
 }

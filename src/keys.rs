@@ -14,6 +14,7 @@ use crate::context::{self, scope_permissions_of};
 use crate::direct_insert::LockedRow;
 use crate::error::{or_raise, KeyhippoError, Result};
 use crate::plans::{types, Plan};
+use crate::usage_writer::Tid;
 use keyhippo_core::{hash, token};
 
 /// Longest description accepted (KeyHippo 1.2.5's limit).
@@ -820,7 +821,7 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
     };
     if let Some(cached) = crate::cache::lookup(&prefix, api_key) {
         if let Some(verified) = &cached {
-            crate::usage::record(verified.id);
+            crate::usage::record(verified.id, Tid::NONE, crate::lookup::now());
         }
         return Ok(cached);
     }
@@ -873,7 +874,7 @@ fn verified_from_row(
     let due = row
         .last_used_at
         .is_none_or(|used| used < now - interval_micros);
-    if due && !crate::usage::record(row.id) && can_write() {
+    if due && !crate::usage::record(row.id, row.tid, now) && can_write() {
         crate::elevate::as_owner(|| {
             Spi::connect_mut(|client| TOUCH_LAST_USED.run(client, &[row.id.into()]).map(|_| ()))
         })?;

@@ -35,6 +35,7 @@ mod keys;
 mod lookup;
 mod plans;
 mod usage;
+mod usage_writer;
 
 /// Runs when the library is loaded: defines the GUCs and, when loaded through
 /// shared_preload_libraries, the shared buffer and background worker of `usage`.

@@ -28,6 +28,10 @@ pub struct KeyRow {
     pub expires_at: i64,
     pub last_used_at: Option<i64>,
     pub is_revoked: bool,
+    /// Where the row is: the tuple id its index entries point to (the root of its HOT chain),
+    /// from which the background worker finds the row to write `last_used_at` without looking
+    /// the key up again.
+    pub tid: crate::usage_writer::Tid,
 }
 
 #[derive(Clone, Copy)]
@@ -109,11 +113,6 @@ mod raw {
             direction: ScanDirection::Type,
         ) -> ItemPointer;
         pub fn index_fetch_heap(scan: IndexScanDesc, slot: *mut TupleTableSlot) -> bool;
-        pub fn index_getnext_slot(
-            scan: IndexScanDesc,
-            direction: ScanDirection::Type,
-            slot: *mut TupleTableSlot,
-        ) -> bool;
         pub fn index_endscan(scan: IndexScanDesc);
         pub fn table_slot_create(rel: Relation, reglist: *mut *mut List) -> *mut TupleTableSlot;
         pub fn ExecDropSingleTupleTableSlot(slot: *mut TupleTableSlot);
@@ -303,6 +302,16 @@ pub fn key_tables() -> Option<(pg_sys::Oid, pg_sys::Oid, pg_sys::Oid)> {
     }
 }
 
+/// keyhippo.api_key_metadata and the attribute numbers of its id and last_used_at, when
+/// installed.
+pub fn metadata_columns() -> Option<(pg_sys::Oid, pg_sys::AttrNumber, pg_sys::AttrNumber)> {
+    // SAFETY: catalog lookups inside a transaction.
+    unsafe {
+        let rels = rels()?;
+        Some((rels.metadata, rels.metadata_atts[0], rels.metadata_atts[3]))
+    }
+}
+
 /// The owner of a relation, InvalidOid when it does not exist.
 unsafe fn relation_owner(rel: pg_sys::Oid) -> pg_sys::Oid {
     unsafe {
@@ -409,6 +418,7 @@ struct Found {
     hash_len: usize,
     /// Whether the stored hash was longer than [`HASH_MAX`].
     hash_too_long: bool,
+    tid: pg_sys::ItemPointerData,
 }
 
 unsafe fn uuid_bytes(datum: pg_sys::Datum) -> [u8; 16] {
@@ -425,7 +435,7 @@ unsafe fn secret_hash_by_hash_index(
 ) -> bool {
     unsafe {
         let id = found.id;
-        let read = |_: pg_sys::Relation, slot: *mut pg_sys::TupleTableSlot| {
+        let read = |_: pg_sys::Relation, slot: *mut pg_sys::TupleTableSlot, _| {
             if !slot_value(slot, rels.secrets_key_att).is_some_and(|d| uuid_bytes(d) == id) {
                 return None;
             }
@@ -497,7 +507,9 @@ unsafe fn metadata_row(
 ) -> bool {
     unsafe {
         let text = raw::cstring_to_text_with_len(prefix.as_ptr().cast(), prefix.len() as i32);
-        let read = |_: pg_sys::Relation, slot: *mut pg_sys::TupleTableSlot| {
+        let read = |_: pg_sys::Relation,
+                    slot: *mut pg_sys::TupleTableSlot,
+                    root: pg_sys::ItemPointerData| {
             let [a_id, a_user, a_scope, a_used, a_expires, a_revoked] = rels.metadata_atts;
             // Every column read below, deformed at once.
             slot_value(slot, rels.metadata_last_att);
@@ -520,6 +532,7 @@ unsafe fn metadata_row(
             found.last_used_at = value(a_used).map(|d| d.value() as i64);
             found.expires_at = expires.value() as i64;
             found.is_revoked = revoked.value() != 0;
+            found.tid = root;
             Some(true)
         };
         let key = pg_sys::Datum::from(text);
@@ -536,23 +549,39 @@ unsafe fn metadata_row(
 }
 
 /// Probes `index` of `table` for `value` (with equality function `eq_proc`) under `snapshot`
-/// and calls `read` (with the table) on each visible row it returns until `read` returns Some
-/// (the row is the one looked for). Only inside a boundary, with a `read` that owns nothing
-/// needing a drop.
+/// and calls `read` (with the table, and the tuple id the index gave: the root of the row's
+/// HOT chain) on each visible row it returns until `read` returns Some (the row is the one
+/// looked for). Only inside a boundary, with a `read` that owns nothing needing a drop.
 unsafe fn matching_row<R>(
     table: pg_sys::Oid,
     index: pg_sys::Oid,
     snapshot: pg_sys::Snapshot,
     eq_proc: u32,
     value: pg_sys::Datum,
-    mut read: impl FnMut(pg_sys::Relation, *mut pg_sys::TupleTableSlot) -> Option<R>,
+    mut read: impl FnMut(
+        pg_sys::Relation,
+        *mut pg_sys::TupleTableSlot,
+        pg_sys::ItemPointerData,
+    ) -> Option<R>,
 ) -> Option<R> {
     unsafe {
         let probe = Probe::begin(table, index, snapshot, eq_proc, value, false);
         let slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
         let mut result = None;
-        while result.is_none() && raw::index_getnext_slot(probe.scan, FORWARD, slot) {
-            result = read(probe.heap, slot);
+        let mut root = pg_sys::ItemPointerData::default();
+        // index_getnext_slot's loop, keeping the index's tuple id (the fetch replaces the
+        // scan's copy with the id of the version it finds).
+        while result.is_none() {
+            if !(*probe.scan).xs_heap_continue {
+                let tid = raw::index_getnext_tid(probe.scan, FORWARD);
+                if tid.is_null() {
+                    break;
+                }
+                root = *tid;
+            }
+            if raw::index_fetch_heap(probe.scan, slot) {
+                result = read(probe.heap, slot, root);
+            }
         }
         raw::ExecDropSingleTupleTableSlot(slot);
         probe.end();
@@ -651,6 +680,7 @@ pub fn find(prefix: &str) -> Result<Option<KeyRow>, ()> {
             hash: [0; HASH_MAX],
             hash_len: 0,
             hash_too_long: false,
+            tid: pg_sys::ItemPointerData::default(),
         };
         let prefix = prefix.as_bytes();
         let complete = pg_sys::ffi::pg_guard_ffi_boundary(|| {
@@ -674,6 +704,7 @@ pub fn find(prefix: &str) -> Result<Option<KeyRow>, ()> {
             expires_at: found.expires_at,
             last_used_at: found.last_used_at,
             is_revoked: found.is_revoked,
+            tid: crate::usage_writer::Tid::from(found.tid),
         }))
     }
 }
@@ -776,7 +807,7 @@ pub fn lock_auth_user(id: pgrx::Uuid) -> Option<UserRow> {
                 snapshot,
                 pg_sys::F_UUID_EQ,
                 key,
-                |heap, slot| Some(lock_row(heap, slot, snapshot, users, &bytes)),
+                |heap, slot, _| Some(lock_row(heap, slot, snapshot, users, &bytes)),
             )
             .unwrap_or(UserRow::Missing)
         }))

@@ -298,4 +298,209 @@ mod tests {
             assert!(scans >= 2, "{index} scans: {scans}");
         }
     }
+    // The background worker's write of recorded uses (src/usage_writer.rs), called directly:
+    // the worker itself needs shared_preload_libraries (tests/last_used.sh runs it).
+
+    use crate::usage_writer::{Tid, Use};
+
+    /// Where the row of key `id` is now (its ctid).
+    fn tid_of(id: pgrx::Uuid) -> Tid {
+        let ctid = Spi::get_one::<String>(&format!(
+            "SELECT ctid::text FROM keyhippo.api_key_metadata WHERE id = '{id}'"
+        ))
+        .unwrap()
+        .unwrap();
+        let (block, offset) = ctid
+            .trim_matches(|c| c == '(' || c == ')')
+            .split_once(',')
+            .unwrap();
+        Tid {
+            block: block.parse().unwrap(),
+            offset: offset.parse().unwrap(),
+        }
+    }
+
+    fn last_used_text(id: pgrx::Uuid) -> Option<String> {
+        Spi::get_one::<String>(&format!(
+            "SELECT (last_used_at AT TIME ZONE 'UTC')::text FROM keyhippo.api_key_metadata WHERE id = '{id}'"
+        ))
+        .unwrap()
+    }
+
+    /// A TimestampTz (microseconds since 2000-01-01) for `text`.
+    fn timestamptz(text: &str) -> i64 {
+        Spi::get_one::<i64>(&format!(
+            "SELECT ((extract(epoch FROM '{text}'::timestamptz) - 946684800) * 1000000)::bigint"
+        ))
+        .unwrap()
+        .unwrap()
+    }
+
+    /// Runs the writer as the worker does; returns the ids it left to the UPDATE statement.
+    fn write_uses(uses: &[Use]) -> Vec<pgrx::Uuid> {
+        let (table, id_att, used_att) = crate::lookup::metadata_columns().unwrap();
+        let uses = crate::usage_writer::latest_per_key(uses.to_vec());
+        // SAFETY: inside the test's transaction, as superuser.
+        let rest = unsafe { crate::usage_writer::write(table, id_att, used_att, &uses) };
+        rest.iter().map(|u| pgrx::Uuid::from_bytes(u.id)).collect()
+    }
+
+    fn use_of(id: pgrx::Uuid, tid: Tid, at: &str) -> Use {
+        Use {
+            id: *id.as_bytes(),
+            tid,
+            at: timestamptz(at),
+        }
+    }
+
+    fn hot_updates() -> i64 {
+        Spi::get_one::<i64>(
+            "SELECT pg_stat_get_xact_tuples_hot_updated('keyhippo.api_key_metadata'::regclass)",
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    #[pg_test]
+    fn recorded_uses_are_written_where_verify_read_the_row() {
+        act_as(USER_A);
+        let (key_a, a) = create_key("writer a");
+        let (_, b) = create_key("writer b");
+        let (root_a, root_b) = (tid_of(a), tid_of(b));
+        let hot_before = hot_updates();
+        let at = "2030-01-02 03:04:05.123456+00";
+        // Two uses of a (the later one wins) and one of b, in any order.
+        let left = write_uses(&[
+            use_of(a, root_a, "2030-01-01 00:00:00+00"),
+            use_of(b, root_b, at),
+            use_of(a, root_a, at),
+        ]);
+        assert!(left.is_empty(), "left to the statement: {left:?}");
+        assert_eq!(
+            last_used_text(a).as_deref(),
+            Some("2030-01-02 03:04:05.123456")
+        );
+        assert_eq!(
+            last_used_text(b).as_deref(),
+            Some("2030-01-02 03:04:05.123456")
+        );
+        // As HOT updates: the row stays on its page, no index entries.
+        assert_eq!(hot_updates() - hot_before, 2);
+        // The row's new version is a heap-only tuple elsewhere on the page; verify still gives
+        // the root its index entries point to, and the writer follows the chain from there.
+        assert_ne!(tid_of(a), root_a);
+        let prefix = keyhippo_core::token::parse(&key_a)
+            .unwrap()
+            .prefix
+            .to_string();
+        let found = unsafe {
+            pg_sys::CommandCounterIncrement();
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            let found = crate::lookup::find(&prefix);
+            pg_sys::PopActiveSnapshot();
+            found
+        };
+        assert_eq!(found.unwrap().unwrap().tid, root_a);
+        assert!(write_uses(&[use_of(a, root_a, "2030-01-03 00:00:00+00")]).is_empty());
+        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-03 00:00:00"));
+        assert_eq!(hot_updates() - hot_before, 3);
+        // An older use never moves the time back (and needs no statement either).
+        assert!(write_uses(&[use_of(a, root_a, "2029-12-31 00:00:00+00")]).is_empty());
+        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-03 00:00:00"));
+        // Through an index scan, the updated row is found by its key as before.
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>(&format!(
+                "SELECT count(*) FROM keyhippo.api_key_metadata WHERE id = '{a}' AND last_used_at IS NOT NULL"
+            ))
+            .unwrap(),
+            Some(1)
+        );
+    }
+
+    #[pg_test]
+    fn uses_the_writer_cannot_place_are_left_to_the_statement() {
+        act_as(USER_A);
+        let (_, a) = create_key("moved");
+        let (_, b) = create_key("other");
+        let (_, c) = create_key("no tid");
+        let at = "2030-01-02 00:00:00+00";
+        // a's row is updated with an indexed column changing (not a HOT update): the tid verify
+        // read now holds a dead version that leads nowhere.
+        let old = tid_of(a);
+        Spi::run(&format!(
+            "UPDATE keyhippo.api_key_metadata SET prefix = prefix || 'x' WHERE id = '{a}'"
+        ))
+        .unwrap();
+        let b_tid = tid_of(b);
+        let past_the_end = Tid {
+            block: 1_000_000,
+            offset: 1,
+        };
+        let no_such_line = Tid {
+            block: b_tid.block,
+            offset: 2000,
+        };
+        let left = write_uses(&[
+            use_of(a, old, at),
+            // b's tid given for c: another key's row is there.
+            use_of(c, b_tid, at),
+            use_of(b, past_the_end, at),
+        ]);
+        let mut expected = vec![a, b, c];
+        expected.sort_by_key(|u| *u.as_bytes());
+        let mut left_sorted = left.clone();
+        left_sorted.sort_by_key(|u| *u.as_bytes());
+        assert_eq!(left_sorted, expected);
+        let left = write_uses(&[use_of(b, no_such_line, at), use_of(c, Tid::NONE, at)]);
+        assert_eq!(left.len(), 2);
+        // Nothing was written to any of them (b's row in particular was not c's use).
+        for id in [a, b, c] {
+            assert_eq!(last_used_text(id), None, "{id}");
+        }
+    }
+
+    #[pg_test]
+    fn an_index_on_last_used_at_gets_the_new_entries() {
+        act_as(USER_A);
+        let (_, a) = create_key("indexed");
+        Spi::run("CREATE INDEX last_used_idx ON keyhippo.api_key_metadata (last_used_at)").unwrap();
+        let hot_before = hot_updates();
+        assert!(write_uses(&[use_of(a, tid_of(a), "2030-05-05 00:00:00+00")]).is_empty());
+        // Not HOT (an indexed column changed): the row is found through the new index entry.
+        assert_eq!(hot_updates(), hot_before);
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        Spi::run("SET LOCAL enable_bitmapscan = off").unwrap();
+        let found = Spi::get_one::<pgrx::Uuid>(
+            "SELECT id FROM keyhippo.api_key_metadata WHERE last_used_at = '2030-05-05 00:00:00+00'",
+        )
+        .unwrap();
+        assert_eq!(found, Some(a));
+    }
+
+    #[pg_test]
+    fn a_trigger_that_fires_for_the_worker_leaves_everything_to_the_statement() {
+        act_as(USER_A);
+        let (_, a) = create_key("trigger");
+        let root = tid_of(a);
+        Spi::run(
+            "CREATE FUNCTION pg_temp.count_updates() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RETURN NEW; END $$",
+        )
+        .unwrap();
+        Spi::run(
+            "CREATE TRIGGER user_trigger BEFORE UPDATE ON keyhippo.api_key_metadata \
+             FOR EACH ROW EXECUTE FUNCTION pg_temp.count_updates()",
+        )
+        .unwrap();
+        // Enabled as ORIGIN (the default) it does not fire for the worker (replica role).
+        assert!(write_uses(&[use_of(a, root, "2030-01-01 00:00:00+00")]).is_empty());
+        Spi::run("ALTER TABLE keyhippo.api_key_metadata ENABLE ALWAYS TRIGGER user_trigger")
+            .unwrap();
+        assert_eq!(
+            write_uses(&[use_of(a, root, "2030-02-01 00:00:00+00")]),
+            vec![a]
+        );
+        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-01 00:00:00"));
+    }
 }

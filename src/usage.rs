@@ -17,13 +17,13 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::time::Duration;
 
 use crate::error::Result;
 use crate::plans::{types, Plan};
+use crate::usage_writer::{Tid, Use};
 use pgrx::datum::TimestampWithTimeZone;
 
 /// Uses held between two flushes. A full buffer makes verify fall back to the synchronous path.
@@ -45,29 +45,80 @@ pub static FLUSH_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
-#[derive(Copy, Clone)]
+/// The shared buffer's state, under its lock.
+#[derive(Copy, Clone, Default)]
 pub struct PendingUses {
     len: usize,
     /// Address of the worker's latch (in shared memory), 0 when no worker runs.
     worker_latch: usize,
-    ids: [[u8; 16]; CAPACITY],
-    /// Unix time in microseconds.
-    at: [i64; CAPACITY],
-}
-
-impl Default for PendingUses {
-    fn default() -> Self {
-        PendingUses {
-            len: 0,
-            worker_latch: 0,
-            ids: [[0; 16]; CAPACITY],
-            at: [0; CAPACITY],
-        }
-    }
 }
 
 // SAFETY: plain old data; worker_latch is an address in shared memory, valid in every process.
 unsafe impl PGRXSharedMemory for PendingUses {}
+
+/// The uses in the buffer, `PendingUses::len` of them: read and written only under the lock of
+/// [`PENDING`]. Allocated in shared memory by [`request_slots`] / [`attach_slots`] and zeroed
+/// there: pgrx's `pg_shmem_init!` would build the 3.9 MB value on the postmaster's stack first,
+/// which overflows it in an unoptimised build.
+#[repr(C)]
+struct UseSlots {
+    ids: [[u8; 16]; CAPACITY],
+    /// Where verify read each key's row (block, line pointer; `Tid::NONE` when unknown).
+    blocks: [u32; CAPACITY],
+    offsets: [u16; CAPACITY],
+    /// When (TimestampTz: microseconds since 2000-01-01).
+    at: [i64; CAPACITY],
+}
+
+/// This process's address of the shared [`UseSlots`] (set in the postmaster, inherited).
+static SLOTS: AtomicPtr<UseSlots> = AtomicPtr::new(std::ptr::null_mut());
+static mut PREV_SHMEM_REQUEST: Option<unsafe extern "C-unwind" fn()> = None;
+static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
+
+#[pg_guard]
+unsafe extern "C-unwind" fn request_slots() {
+    // SAFETY: the postmaster's shared memory set-up, single-threaded; the previous hook as
+    // installed before ours.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| prev());
+        }
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<UseSlots>());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn attach_slots() {
+    // SAFETY: as in `request_slots`; AddinShmemInitLock (MainLWLockArray[21]) serialises
+    // ShmemInitStruct as for every extension.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| prev());
+        }
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let slots = pg_sys::ShmemInitStruct(
+            c"keyhippo_pending_use_slots".as_ptr(),
+            std::mem::size_of::<UseSlots>(),
+            &mut found,
+        )
+        .cast::<UseSlots>();
+        if !found {
+            std::ptr::write_bytes(slots, 0, 1);
+        }
+        pg_sys::LWLockRelease(init_lock);
+        SLOTS.store(slots, Ordering::Relaxed);
+    }
+}
+
+/// The shared uses; only while holding [`PENDING`]'s lock (the guard proves it).
+fn slots<'a>(_locked: &'a mut PendingUses) -> &'a mut UseSlots {
+    // SAFETY: set at startup in every process that preloaded keyhippo (the only ones that
+    // reach here: `record` and `drain` run after `worker_serves_this_database` / for the
+    // worker); exclusive access under the lock.
+    unsafe { &mut *SLOTS.load(Ordering::Relaxed) }
+}
 
 static PENDING: PgLwLock<PendingUses> = unsafe { PgLwLock::new(c"keyhippo_pending_uses") };
 
@@ -75,10 +126,33 @@ static PENDING: PgLwLock<PendingUses> = unsafe { PgLwLock::new(c"keyhippo_pendin
 /// before it forks, so every backend inherits it).
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
+/// Slots of [`Recent`]: a power of two.
+const RECENT_SLOTS: usize = 4096;
+
+/// Keys this backend has recently put in the buffer, and when: one entry per key per interval
+/// is enough, whatever the request rate. Direct-mapped (a key has one slot, chosen by its id's
+/// random bits; a key that takes another's slot makes that one be recorded again, which the
+/// worker folds into one write): 80 kB that stay in the CPU caches, where a hash map of every
+/// key recorded grew to hundreds of thousands of entries at a million keys (0.7 µs per verify,
+/// measured with `perf`).
+struct Recent {
+    ids: [[u8; 16]; RECENT_SLOTS],
+    at: [i64; RECENT_SLOTS],
+}
+
+impl Recent {
+    fn slot(id: &[u8; 16]) -> usize {
+        // Bytes 8..16 of a UUID (v4 or v7) are random but for the variant bits.
+        let bits = u64::from_le_bytes(id[8..16].try_into().expect("8 bytes"));
+        (bits.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - RECENT_SLOTS.trailing_zeros())) as usize
+    }
+}
+
 thread_local! {
-    /// Keys this backend has already put in the buffer, and when: one entry per key per
-    /// interval is enough, whatever the request rate.
-    static RECORDED: RefCell<HashMap<[u8; 16], Instant>> = RefCell::new(HashMap::new());
+    static RECENT: RefCell<Box<Recent>> = RefCell::new(Box::new(Recent {
+        ids: [[0; 16]; RECENT_SLOTS],
+        at: [i64::MIN; RECENT_SLOTS],
+    }));
     /// Whether this backend's database is the one the worker serves (looked up once).
     static SERVED: RefCell<Option<bool>> = const { RefCell::new(None) };
 }
@@ -127,6 +201,14 @@ pub fn init() {
     // SAFETY: a plain read of a postmaster global during library load.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         pg_shmem_init!(PENDING = PendingUses::default());
+        // SAFETY: library load in the postmaster, single-threaded: our hooks chain the ones
+        // installed before.
+        unsafe {
+            PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(request_slots);
+            PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+            pg_sys::shmem_startup_hook = Some(attach_slots);
+        }
         crate::cache::init_shmem();
         PRELOADED.store(true, Ordering::Relaxed);
         BackgroundWorkerBuilder::new("keyhippo last_used_at writer")
@@ -137,13 +219,6 @@ pub fn init() {
             .set_restart_time(Some(Duration::from_secs(5)))
             .load();
     }
-}
-
-fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 /// Whether this server preloaded keyhippo (shared memory and the worker exist).
@@ -168,15 +243,20 @@ pub fn worker_serves_this_database() -> bool {
     })
 }
 
-/// Records a use of key `id` for the background worker. Returns false when the caller must
-/// fall back to the synchronous update (not preloaded, another database, buffer full).
-pub fn record(id: pgrx::Uuid) -> bool {
+/// Records a use of key `id`, whose row verify read at `tid`, at `now` (TimestampTz) for the
+/// background worker. Returns false when the caller must fall back to the synchronous update
+/// (not preloaded, another database, buffer full).
+pub fn record(id: pgrx::Uuid, tid: Tid, now: i64) -> bool {
     if !worker_serves_this_database() {
         return false;
     }
     let key = *id.as_bytes();
-    let interval = Duration::from_secs(LAST_USED_INTERVAL.get().max(1) as u64);
-    let fresh = RECORDED.with(|r| r.borrow().get(&key).is_some_and(|t| t.elapsed() < interval));
+    let interval = LAST_USED_INTERVAL.get().max(1) as i64 * 1_000_000;
+    let slot = Recent::slot(&key);
+    let fresh = RECENT.with(|r| {
+        let r = r.borrow();
+        r.ids[slot] == key && now.saturating_sub(r.at[slot]) < interval
+    });
     if fresh {
         return true;
     }
@@ -186,8 +266,11 @@ pub fn record(id: pgrx::Uuid) -> bool {
         if len >= CAPACITY {
             return false;
         }
-        pending.ids[len] = key;
-        pending.at[len] = now_micros();
+        let slots = slots(&mut pending);
+        slots.ids[len] = key;
+        slots.blocks[len] = tid.block;
+        slots.offsets[len] = tid.offset;
+        slots.at[len] = now;
         pending.len = len + 1;
         if pending.len == FLUSH_BATCH {
             pending.worker_latch
@@ -200,38 +283,64 @@ pub fn record(id: pgrx::Uuid) -> bool {
         // latch its owner has left is harmless.
         unsafe { pg_sys::SetLatch(wake as *mut pg_sys::Latch) };
     }
-    RECORDED.with(|r| {
+    RECENT.with(|r| {
         let mut r = r.borrow_mut();
-        if r.len() > 4 * CAPACITY {
-            r.clear();
-        }
-        r.insert(key, Instant::now());
+        r.ids[slot] = key;
+        r.at[slot] = now;
     });
     true
 }
 
-/// Takes everything out of the shared buffer: key ids and when each was used.
-fn drain() -> (Vec<pgrx::Uuid>, Vec<TimestampWithTimeZone>) {
-    let (ids, micros) = {
+/// Takes everything out of the shared buffer: the latest use of each key.
+fn drain() -> Vec<Use> {
+    let uses = {
         let mut pending = PENDING.exclusive();
         let len = pending.len;
-        let taken = (pending.ids[..len].to_vec(), pending.at[..len].to_vec());
+        let slots = slots(&mut pending);
+        let uses: Vec<Use> = (0..len)
+            .map(|i| Use {
+                id: slots.ids[i],
+                tid: Tid {
+                    block: slots.blocks[i],
+                    offset: slots.offsets[i],
+                },
+                at: slots.at[i],
+            })
+            .collect();
         pending.len = 0;
-        taken
+        uses
     };
-    // Unix microseconds to PostgreSQL's timestamptz (microseconds since 2000-01-01), here rather
-    // than in SQL, where the division was numeric arithmetic on every row.
-    ids.iter()
-        .zip(micros)
-        .filter_map(|(id, us)| {
-            let at = TimestampWithTimeZone::try_from(us - POSTGRES_EPOCH_MICROS).ok()?;
-            Some((pgrx::Uuid::from_bytes(*id), at))
-        })
-        .unzip()
+    crate::usage_writer::latest_per_key(uses)
 }
 
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+/// Writes `uses` where verify read the rows, and through the FLUSH statement those it could not
+/// (see `usage_writer`).
+fn write(client: &mut pgrx::spi::SpiClient<'_>, uses: &[Use]) -> Result<()> {
+    let rest = match crate::lookup::metadata_columns() {
+        // SAFETY: inside a transaction, as the worker (superuser) or the extension owner.
+        Some((table, id_att, used_att)) => unsafe {
+            crate::usage_writer::write(table, id_att, used_att, uses)
+        },
+        None => uses.to_vec(),
+    };
+    debug1!(
+        "keyhippo: {} key uses written in place, {} by statement",
+        uses.len() - rest.len(),
+        rest.len()
+    );
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let (ids, at): (Vec<pgrx::Uuid>, Vec<TimestampWithTimeZone>) = rest
+        .iter()
+        .filter_map(|u| {
+            let at = TimestampWithTimeZone::try_from(u.at).ok()?;
+            Some((pgrx::Uuid::from_bytes(u.id), at))
+        })
+        .unzip();
+    FLUSH.run(client, &[ids.into(), at.into()])?;
+    Ok(())
+}
 
 const FLUSH: Plan = Plan {
     // DISTINCT ON ... ORDER BY id: the latest use of each key, in key order, so the index and
@@ -250,15 +359,15 @@ const FLUSH: Plan = Plan {
 /// Writes the buffer to the table. On a standby (or before CREATE EXTENSION) the uses are
 /// dropped: there is nothing to write them to.
 fn flush() -> Result<usize> {
-    let (ids, at) = drain();
-    if ids.is_empty() {
+    let uses = drain();
+    if uses.is_empty() {
         return Ok(0);
     }
     // SAFETY: plain read of backend state.
     if unsafe { pg_sys::RecoveryInProgress() } {
         return Ok(0);
     }
-    let n = ids.len();
+    let n = uses.len();
     BackgroundWorker::transaction(|| {
         Spi::connect_mut(|client| -> Result<()> {
             let installed = client
@@ -278,7 +387,7 @@ fn flush() -> Result<usize> {
                 // milliseconds per flush); the batches are small (FLUSH_BATCH).
                 client.update("SET LOCAL enable_hashjoin = off", None, &[])?;
                 client.update("SET LOCAL enable_mergejoin = off", None, &[])?;
-                FLUSH.run(client, &[ids.into(), at.into()])?;
+                write(client, &uses)?;
             }
             Ok(())
         })
@@ -318,21 +427,17 @@ pub extern "C-unwind" fn keyhippo_usage_worker_main(_arg: pg_sys::Datum) {
 }
 
 /// Writes the shared buffer now (tests and operators: no need to wait for the worker).
-/// Returns how many uses were written; 0 when keyhippo is not preloaded.
+/// Returns how many keys had uses to write; 0 when keyhippo is not preloaded.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn flush_key_usage() -> i64 {
     if !PRELOADED.load(Ordering::Relaxed) {
         return 0;
     }
-    let (ids, at) = drain();
-    if ids.is_empty() || unsafe { pg_sys::RecoveryInProgress() } {
+    let uses = drain();
+    if uses.is_empty() || unsafe { pg_sys::RecoveryInProgress() } {
         return 0;
     }
-    let n = ids.len() as i64;
-    crate::error::or_raise(Spi::connect_mut(|client| -> Result<()> {
-        FLUSH.run(client, &[ids.into(), at.into()])?;
-        Ok(())
-    }));
-    n
+    crate::error::or_raise(Spi::connect_mut(|client| write(client, &uses)));
+    uses.len() as i64
 }

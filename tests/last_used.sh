@@ -89,6 +89,46 @@ check "verify with the cache off" "1 1" \
     "$(q -c "SET keyhippo.verified_key_cache = off" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key7')" \
          -c "SELECT count(*) FROM keyhippo.verify_api_key('$key7')" | grep -v '^$' | tr '\n' ' ' | sed 's/ $//')"
 
+# 1d. The worker writes each row where verify read it (src/usage_writer.rs): it does not look
+#     the keys up again, so the primary key it would otherwise probe is not scanned, and the
+#     writes are HOT updates. Every psql below is a new backend: each verify reads the table.
+pkey_scans() {
+    q -c "SELECT pg_stat_clear_snapshot()" \
+      -c "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelid = 'keyhippo.api_key_metadata_pkey'::regclass" | tail -1
+}
+hot() {
+    q -c "SELECT pg_stat_clear_snapshot()" \
+      -c "SELECT n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'keyhippo.api_key_metadata'::regclass" | tail -1
+}
+direct_keys=()
+for n in 1 2 3; do
+    read -r k _ <<<"$(new_key "direct $n")"
+    direct_keys+=("$k")
+done
+sleep 1.5
+scans_before=$(pkey_scans) hot_before=$(hot)
+for k in "${direct_keys[@]}"; do q -c "SELECT count(*) FROM keyhippo.verify_api_key('$k')" >/dev/null; done
+# Polled by a scan of the table (by id it would be a scan of the primary key).
+written=0
+for _ in $(seq 1 50); do
+    written=$(q -c "SELECT count(*) FROM keyhippo.api_key_metadata WHERE description LIKE 'direct _' AND last_used_at IS NOT NULL")
+    [ "$written" = 3 ] && break
+    sleep 0.1
+done
+sleep 1.5
+check "worker wrote the three keys' last_used_at" 3 "$written"
+check "worker found the rows where verify read them (primary key not scanned)" "$scans_before" "$(pkey_scans)"
+check "worker's writes were HOT updates" 3 "$(( $(hot) - hot_before ))"
+# A key whose row moved since verify read it (an indexed column changed: not a HOT update) is
+# written through the UPDATE statement instead.
+read -r key8 id8 <<<"$(new_key moved)"
+q -c "ALTER SYSTEM SET keyhippo.last_used_flush_interval = 3600" -c "SELECT pg_reload_conf()" >/dev/null
+sleep 2
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key8')" >/dev/null
+q -c "UPDATE keyhippo.api_key_metadata SET prefix = prefix || 'x' WHERE id = '$id8'" >/dev/null
+q -c "ALTER SYSTEM RESET keyhippo.last_used_flush_interval" -c "SELECT pg_reload_conf()" >/dev/null
+check "moved row: written by the statement" yes "$([ "$(wait_used "$id8" 5)" != never ] && echo yes || echo no)"
+
 # 2. A clean shutdown flushes what was recorded: no periodic flush for an hour, then restart.
 q -c "ALTER SYSTEM SET keyhippo.last_used_flush_interval = 3600" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 2
