@@ -21,6 +21,39 @@
 //! access method.
 
 use pgrx::pg_sys;
+use std::cell::RefCell;
+
+thread_local! {
+    /// The table and the pages the last [`write`] of this process updated rows on: each holds
+    /// a dead row version once that transaction has committed, and the next [`write`] prunes
+    /// them (what the next reader of the page would otherwise do: a verify, with a WAL record
+    /// of its own to write and the WAL writer to wake).
+    static UPDATED_PAGES: RefCell<(pg_sys::Oid, Vec<u32>)> =
+        const { RefCell::new((pg_sys::InvalidOid, Vec::new())) };
+}
+
+/// Prunes the pages the previous [`write`] updated rows on, when they are of `rel` and still
+/// in it (the dead row versions of that write's committed transaction: no snapshot needs them
+/// any more, or `heap_page_prune_opt` leaves them).
+unsafe fn prune_previous_pages(rel: pg_sys::Relation, blocks: pg_sys::BlockNumber) {
+    let (table, pages) = UPDATED_PAGES.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    if table != unsafe { (*rel).rd_id } {
+        return;
+    }
+    for block in pages.into_iter().filter(|&b| b < blocks) {
+        unsafe {
+            let buffer = pg_sys::ReadBufferExtended(
+                rel,
+                pg_sys::ForkNumber::MAIN_FORKNUM,
+                block,
+                pg_sys::ReadBufferMode::RBM_NORMAL,
+                std::ptr::null_mut(),
+            );
+            pg_sys::heap_page_prune_opt(rel, buffer);
+            pg_sys::ReleaseBuffer(buffer);
+        }
+    }
+}
 
 /// A tuple id: block and line pointer (offset from 1). `Tid::NONE` when unknown.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -174,6 +207,8 @@ pub unsafe fn write(
         // this transaction holds its lock: truncation needs an exclusive one).
         let blocks = pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM);
         let has_constraints = !(*desc).constr.is_null();
+        prune_previous_pages(rel, blocks);
+        let mut updated_pages: Vec<u32> = Vec::new();
         let outer = pg_sys::MemoryContextSwitchTo(per_row);
         for u in uses {
             pg_sys::MemoryContextReset(per_row);
@@ -235,6 +270,9 @@ pub unsafe fn write(
             );
             match result {
                 pg_sys::TM_Result::TM_Ok => {
+                    if updated_pages.last() != Some(&u.tid.block) {
+                        updated_pages.push(u.tid.block);
+                    }
                     if update_indexes && (*rri).ri_NumIndices > 0 {
                         pg_sys::ExecInsertIndexTuples(
                             rri,
@@ -255,6 +293,7 @@ pub unsafe fn write(
             }
         }
         pg_sys::MemoryContextSwitchTo(outer);
+        UPDATED_PAGES.with(|p| *p.borrow_mut() = (table, updated_pages));
         am.index_fetch_end.expect("heap access method")(fetch);
         crate::direct_insert::end_command(estate);
         pg_sys::PopActiveSnapshot();

@@ -129,6 +129,42 @@ q -c "UPDATE keyhippo.api_key_metadata SET prefix = prefix || 'x' WHERE id = '$i
 q -c "ALTER SYSTEM RESET keyhippo.last_used_flush_interval" -c "SELECT pg_reload_conf()" >/dev/null
 check "moved row: written by the statement" yes "$([ "$(wait_used "$id8" 5)" != never ] && echo yes || echo no)"
 
+# 1e. The worker prunes the pages of its previous flush (the dead row versions its updates
+#     left), so that the next verify reading such a page does not: the row of a key used in a
+#     first flush is pruned by a second flush, of a key on another page. After the key rows are
+#     found (before anything is updated), nothing here reads the table through PostgreSQL's
+#     heap code (a read would prune the page itself): progress is followed in
+#     pg_stat_user_tables, the page read with pageinspect.
+q -c "CREATE EXTENSION IF NOT EXISTS pageinspect" >/dev/null
+q -c "$as_a" -c "SELECT g || ' ' || api_key FROM generate_series(1, 120) g, keyhippo.create_api_key('prune ' || g)" \
+    >"$ROOT/target/clusters/last_used/prune.keys"
+block_of() { q -c "SELECT (ctid::text::point)[0]::int FROM keyhippo.api_key_metadata WHERE description = 'prune $1'"; }
+key_of() { awk -v g="$1" '$1 == g {print $2}' "$ROOT/target/clusters/last_used/prune.keys"; }
+first_block=$(block_of 60) last_block=$(block_of 120)
+first_key=$(key_of 60) last_key=$(key_of 120)
+check "the two keys' rows are on different pages" yes "$([ "$first_block" != "$last_block" ] && echo yes || echo no)"
+updates() {
+    q -c "SELECT pg_stat_clear_snapshot()" \
+      -c "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'keyhippo.api_key_metadata'::regclass" | tail -1
+}
+wait_updates() { # until n_tup_upd > $1, up to 5 s
+    for _ in $(seq 1 50); do [ "$(updates)" -gt "$1" ] && return; sleep 0.1; done
+}
+# Redirect line pointers (what pruning a HOT chain leaves) and HOT-updated row versions.
+first_page() {
+    q -c "SELECT count(*) FILTER (WHERE lp_flags = 2) || ' ' || count(*) FILTER (WHERE lp_flags = 1 AND (t_infomask2 & 16384) <> 0)
+          FROM heap_page_items(get_raw_page('keyhippo.api_key_metadata', $first_block))"
+}
+sleep 1.5
+u=$(updates)
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$first_key')" >/dev/null
+wait_updates "$u"
+check "first flush: the key's old row version is on its page (HOT-updated, not pruned)" "0 1" "$(first_page)"
+u=$(updates)
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$last_key')" >/dev/null
+wait_updates "$u"
+check "second flush pruned that page (old version gone: a redirect to the new one)" "1 0" "$(first_page)"
+
 # 2. A clean shutdown flushes what was recorded: no periodic flush for an hour, then restart.
 q -c "ALTER SYSTEM SET keyhippo.last_used_flush_interval = 3600" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 2
