@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::keys::VerifiedKey;
+use crate::usage_writer::Tid;
 use keyhippo_core::hash;
 
 static EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"keyhippo_cache_epoch") };
@@ -35,6 +36,12 @@ struct Entry {
     verified: VerifiedKey,
     expires_at_micros: i64,
     epoch: u64,
+    /// Where the key's row is (for recording its use).
+    tid: Tid,
+    /// The key's last use this backend knows of (recorded, or read from its row; TimestampTz):
+    /// a cached verify records a use only when this is an interval old, as verify does from
+    /// the row's `last_used_at`.
+    used_at: i64,
 }
 
 /// A key's permissions: the names, and the `text[]` value verify returns, built once per cached
@@ -122,21 +129,33 @@ fn now_micros() -> i64 {
 
 /// A cached verification of `api_key` (whose lookup prefix is `prefix`), if one is valid now.
 /// `Some(None)` means the cache knows the key is invalid (wrong secret for a cached prefix).
-pub fn lookup(prefix: &str, api_key: &str) -> Option<Option<VerifiedKey>> {
+/// With the key, where its row is when its use at `now` (TimestampTz) is due to be recorded
+/// (its last known use is `interval` microseconds old or more): the entry then counts it as
+/// recorded.
+pub fn lookup(
+    prefix: &str,
+    api_key: &str,
+    now: i64,
+    interval: i64,
+) -> Option<Option<(VerifiedKey, Option<Tid>)>> {
     if !keys_enabled() {
         return None;
     }
     let epoch = EPOCH.get().load(Ordering::SeqCst);
     ENTRIES.with(|entries| {
-        let entries = entries.borrow();
-        let entry = entries.get(prefix)?;
+        let mut entries = entries.borrow_mut();
+        let entry = entries.get_mut(prefix)?;
         if entry.epoch != epoch || entry.expires_at_micros <= now_micros() {
             return None;
         }
         if !hash::verify_key(api_key, &entry.key_hash) {
             return Some(None);
         }
-        Some(Some(entry.verified.clone()))
+        let due = entry.used_at <= now - interval;
+        if due {
+            entry.used_at = now;
+        }
+        Some(Some((entry.verified.clone(), due.then_some(entry.tid))))
     })
 }
 
@@ -157,13 +176,16 @@ fn unchanged_since(before: Option<u64>) -> Option<u64> {
     quiet.then_some(epoch)
 }
 
-/// Caches a lookup's result if nothing changed while it ran.
+/// Caches a lookup's result if nothing changed while it ran: the key, where its row is and
+/// its last known use (TimestampTz).
 pub fn store(
     before: Option<u64>,
     prefix: &str,
     key_hash: &str,
     verified: &VerifiedKey,
     expires_at_micros: i64,
+    tid: Tid,
+    used_at: i64,
 ) {
     if !keys_enabled() {
         return;
@@ -183,6 +205,8 @@ pub fn store(
                 verified: verified.clone(),
                 expires_at_micros,
                 epoch,
+                tid,
+                used_at,
             },
         );
     });

@@ -14,7 +14,6 @@ use crate::context::{self, scope_permissions_of};
 use crate::direct_insert::LockedRow;
 use crate::error::{or_raise, KeyhippoError, Result};
 use crate::plans::{types, Plan};
-use crate::usage_writer::Tid;
 use keyhippo_core::{hash, token};
 
 /// Longest description accepted (KeyHippo 1.2.5's limit).
@@ -819,11 +818,17 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
             None => return Ok(None),
         },
     };
-    if let Some(cached) = crate::cache::lookup(&prefix, api_key) {
-        if let Some(verified) = &cached {
-            crate::usage::record(verified.id, Tid::NONE, crate::lookup::now());
-        }
-        return Ok(cached);
+    let now = crate::lookup::now();
+    let interval = crate::usage::interval_micros();
+    if let Some(cached) = crate::cache::lookup(&prefix, api_key, now, interval) {
+        return Ok(cached.map(|(verified, due)| {
+            if let Some(tid) = due {
+                // The cache is only on where the worker records uses (shared memory): nothing
+                // to fall back to when the buffer is full but the next use.
+                crate::usage::record(verified.id, tid, now);
+            }
+            verified
+        }));
     }
     let before = crate::cache::begin_lookup();
     let found = crate::lookup::find(&prefix).map_err(|()| {
@@ -863,22 +868,27 @@ fn verified_from_row(
         scope_id: row.scope_id,
         permissions,
     };
+    let due = row
+        .last_used_at
+        .is_none_or(|used| used < now - crate::usage::interval_micros());
+    if due && !crate::usage::record(row.id, row.tid, now) && can_write() {
+        crate::elevate::as_owner(|| {
+            Spi::connect_mut(|client| TOUCH_LAST_USED.run(client, &[row.id.into()]).map(|_| ()))
+        })?;
+    }
+    let used_at = match row.last_used_at {
+        Some(used) if !due => used,
+        _ => now,
+    };
     crate::cache::store(
         before,
         prefix,
         &row.key_hash,
         &verified,
         row.expires_at + POSTGRES_EPOCH_MICROS,
+        row.tid,
+        used_at,
     );
-    let interval_micros = crate::usage::LAST_USED_INTERVAL.get() as i64 * 1_000_000;
-    let due = row
-        .last_used_at
-        .is_none_or(|used| used < now - interval_micros);
-    if due && !crate::usage::record(row.id, row.tid, now) && can_write() {
-        crate::elevate::as_owner(|| {
-            Spi::connect_mut(|client| TOUCH_LAST_USED.run(client, &[row.id.into()]).map(|_| ()))
-        })?;
-    }
     Ok(Some(verified))
 }
 

@@ -63,7 +63,7 @@ unsafe impl PGRXSharedMemory for PendingUses {}
 #[repr(C)]
 struct UseSlots {
     ids: [[u8; 16]; CAPACITY],
-    /// Where verify read each key's row (block, line pointer; `Tid::NONE` when unknown).
+    /// Where verify found each key's row (block, line pointer of the root of its HOT chain).
     blocks: [u32; CAPACITY],
     offsets: [u16; CAPACITY],
     /// When (TimestampTz: microseconds since 2000-01-01).
@@ -221,6 +221,11 @@ pub fn init() {
     }
 }
 
+/// `keyhippo.last_used_interval` in microseconds.
+pub fn interval_micros() -> i64 {
+    LAST_USED_INTERVAL.get().max(1) as i64 * 1_000_000
+}
+
 /// Whether this server preloaded keyhippo (shared memory and the worker exist).
 pub fn preloaded() -> bool {
     PRELOADED.load(Ordering::Relaxed)
@@ -251,7 +256,7 @@ pub fn record(id: pgrx::Uuid, tid: Tid, now: i64) -> bool {
         return false;
     }
     let key = *id.as_bytes();
-    let interval = LAST_USED_INTERVAL.get().max(1) as i64 * 1_000_000;
+    let interval = interval_micros();
     let slot = Recent::slot(&key);
     let fresh = RECENT.with(|r| {
         let r = r.borrow();

@@ -13,8 +13,7 @@
 //! (a tuple id can be reused after VACUUM), and updates it through the table access method,
 //! inserting index entries when the update is not HOT — what `ExecSimpleRelationUpdate` (the
 //! logical replication apply worker's update) does. Whatever it cannot write this way goes to
-//! the caller's SQL statement: uses without a tuple id (from the verified-key cache), rows that
-//! moved (a non-HOT update) or changed concurrently, and every use when the table has something
+//! the caller's SQL statement: rows that moved (a non-HOT update) or changed concurrently, and every use when the table has something
 //! an `UPDATE` statement would run that this does not — an UPDATE trigger that fires when
 //! `session_replication_role` is `replica` (as the worker sets it: recording a use is not a
 //! change to audit), rules, stored generated columns, forced row level security, another table
@@ -55,7 +54,7 @@ unsafe fn prune_previous_pages(rel: pg_sys::Relation, blocks: pg_sys::BlockNumbe
     }
 }
 
-/// A tuple id: block and line pointer (offset from 1). `Tid::NONE` when unknown.
+/// A tuple id: block and line pointer (offset from 1; 0 is no tuple).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub struct Tid {
     pub block: u32,
@@ -63,6 +62,7 @@ pub struct Tid {
 }
 
 impl Tid {
+    #[cfg(any(test, feature = "pg_test"))]
     pub const NONE: Tid = Tid {
         block: pg_sys::InvalidBlockNumber,
         offset: 0,

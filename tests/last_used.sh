@@ -165,6 +165,24 @@ q -c "SELECT count(*) FROM keyhippo.verify_api_key('$last_key')" >/dev/null
 wait_updates "$u"
 check "second flush pruned that page (old version gone: a redirect to the new one)" "1 0" "$(first_page)"
 
+# 1f. With the verified-key cache (on in this cluster), a cached verify records the key's use
+#     once per keyhippo.last_used_interval, like the uncached one, and where its row is (no
+#     scan of the primary key). One session: the first verify reads the row (and caches the
+#     key), the second, 2.5 s later, is answered by the cache; each prints its transaction's
+#     time, which is the use it records.
+read -r key9 _ <<<"$(new_key "cached use")"
+used9() { q -c "SELECT coalesce(last_used_at::text, 'null') FROM keyhippo.api_key_metadata WHERE description = 'cached use'"; }
+sleep 1.5
+scans_before=$(pkey_scans)
+times9=$(q -c "SET keyhippo.last_used_interval = 1" \
+  -c "SELECT now()::text FROM keyhippo.verify_api_key('$key9')" \
+  -c "SELECT pg_sleep(2.5)" \
+  -c "SELECT now()::text FROM keyhippo.verify_api_key('$key9')" | grep -v '^$')
+second9=$(echo "$times9" | tail -1)
+for _ in $(seq 1 50); do [ "$(used9)" = "$second9" ] && break; sleep 0.1; done
+check "cached verify records its use once the interval has passed" "$second9" "$(used9)"
+check "cached verify's use written where the row is (primary key not scanned)" "$scans_before" "$(pkey_scans)"
+
 # 2. A clean shutdown flushes what was recorded: no periodic flush for an hour, then restart.
 q -c "ALTER SYSTEM SET keyhippo.last_used_flush_interval = 3600" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 2
