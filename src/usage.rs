@@ -113,7 +113,7 @@ unsafe extern "C-unwind" fn attach_slots() {
 }
 
 /// The shared uses; only while holding [`PENDING`]'s lock (the guard proves it).
-fn slots<'a>(_locked: &'a mut PendingUses) -> &'a mut UseSlots {
+fn slots(_locked: &mut PendingUses) -> &mut UseSlots {
     // SAFETY: set at startup in every process that preloaded keyhippo (the only ones that
     // reach here: `record` and `drain` run after `worker_serves_this_database` / for the
     // worker); exclusive access under the lock.
