@@ -503,4 +503,48 @@ mod tests {
         );
         assert_eq!(last_used_text(a).as_deref(), Some("2030-01-01 00:00:00"));
     }
+    /// The root tuple id verify records for `key` (what `lookup::find` gives it).
+    fn root_of(key: &str) -> Tid {
+        let prefix = keyhippo_core::token::parse(key).unwrap().prefix.to_string();
+        // SAFETY: a fresh snapshot for the lookup, popped after it, inside the test's transaction.
+        let found = unsafe {
+            pg_sys::CommandCounterIncrement();
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+            let found = crate::lookup::find(&prefix);
+            pg_sys::PopActiveSnapshot();
+            found
+        };
+        found.unwrap().unwrap().tid
+    }
+
+    #[pg_test]
+    fn a_row_with_toasted_claims_keeps_them_when_its_use_is_written() {
+        act_as(USER_A);
+        let (key, a) = create_key("toasted");
+        // Claims of 64 kB: stored out of line, in the TOAST table.
+        Spi::run(&format!(
+            "UPDATE keyhippo.api_key_metadata SET claims = jsonb_build_object('blob', \
+               (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 2000) i)) WHERE id = '{a}'"
+        ))
+        .unwrap();
+        let digest = || {
+            Spi::get_one::<String>(&format!(
+                "SELECT md5(claims::text) || ' ' || pg_column_size(claims) \
+                   FROM keyhippo.api_key_metadata WHERE id = '{a}'"
+            ))
+            .unwrap()
+            .unwrap()
+        };
+        let before = digest();
+        let toasted = Spi::get_one::<bool>(
+            "SELECT pg_relation_size(reltoastrelid) > 0 FROM pg_class \
+              WHERE oid = 'keyhippo.api_key_metadata'::regclass",
+        )
+        .unwrap();
+        assert_eq!(toasted, Some(true), "claims not stored out of line");
+        assert!(write_uses(&[use_of(a, root_of(&key), "2030-03-03 00:00:00+00")]).is_empty());
+        assert_eq!(last_used_text(a).as_deref(), Some("2030-03-03 00:00:00"));
+        assert_eq!(digest(), before);
+        assert_eq!(verify_count(&format!("'{key}'")), 1);
+    }
 }
