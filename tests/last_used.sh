@@ -183,6 +183,21 @@ for _ in $(seq 1 50); do [ "$(used9)" = "$second9" ] && break; sleep 0.1; done
 check "cached verify records its use once the interval has passed" "$second9" "$(used9)"
 check "cached verify's use written where the row is (primary key not scanned)" "$scans_before" "$(pkey_scans)"
 
+# 1g. A use the worker writes while another transaction is updating the same key row: the
+#     worker waits for it, and after its commit writes the use onto the row's new version (the
+#     other transaction's change kept, the use not lost).
+read -r key10 id10 <<<"$(new_key "held row")"
+q -c "BEGIN" -c "UPDATE keyhippo.api_key_metadata SET description = 'changed meanwhile' WHERE id = '$id10'" \
+  -c "SELECT pg_sleep(3)" -c "COMMIT" >/dev/null &
+sleep 0.5
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key10')" >/dev/null
+sleep 1.5
+check "use not written while the row is being updated" null "$(last_used "$id10")"
+wait
+took=$(wait_used "$id10" 5)
+check "use written after the other transaction's commit, its change kept" "yes changed meanwhile" \
+    "$([ "$took" != never ] && echo yes || echo no) $(q -c "SELECT description FROM keyhippo.api_key_metadata WHERE id = '$id10'")"
+
 # 2. A clean shutdown flushes what was recorded: no periodic flush for an hour, then restart.
 q -c "ALTER SYSTEM SET keyhippo.last_used_flush_interval = 3600" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 2
