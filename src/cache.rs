@@ -130,14 +130,9 @@ fn now_micros() -> i64 {
 /// A cached verification of `api_key` (whose lookup prefix is `prefix`), if one is valid now.
 /// `Some(None)` means the cache knows the key is invalid (wrong secret for a cached prefix).
 /// With the key, where its row is when its use at `now` (TimestampTz) is due to be recorded
-/// (its last known use is `interval` microseconds old or more): the entry then counts it as
+/// ([`crate::usage::due`] from the last use the entry knows): the entry then counts it as
 /// recorded.
-pub fn lookup(
-    prefix: &str,
-    api_key: &str,
-    now: i64,
-    interval: i64,
-) -> Option<Option<(VerifiedKey, Option<Tid>)>> {
+pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedKey, Option<Tid>)>> {
     if !keys_enabled() {
         return None;
     }
@@ -151,7 +146,7 @@ pub fn lookup(
         if !hash::verify_key(api_key, &entry.key_hash) {
             return Some(None);
         }
-        let due = entry.used_at <= now - interval;
+        let due = crate::usage::due(Some(entry.used_at), now);
         if due {
             entry.used_at = now;
         }

@@ -819,8 +819,7 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
         },
     };
     let now = crate::lookup::now();
-    let interval = crate::usage::interval_micros();
-    if let Some(cached) = crate::cache::lookup(&prefix, api_key, now, interval) {
+    if let Some(cached) = crate::cache::lookup(&prefix, api_key, now) {
         return Ok(cached.map(|(verified, due)| {
             if let Some(tid) = due {
                 // The cache is only on where the worker records uses (shared memory): nothing
@@ -836,22 +835,23 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
             "keyhippo: keyhippo.api_key_metadata, api_key_secrets or their indexes are missing; reinstall the extension".into(),
         )
     })?;
-    verified_from_row(api_key, &prefix, before, found)
+    verified_from_row(api_key, &prefix, now, before, found)
 }
 
 /// Microseconds between the Unix epoch and Postgres' (2000-01-01).
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 /// The checks of verify on a key row found by [`crate::lookup::find`]: not revoked, not expired,
-/// the hash matches; then permissions, the cache, and recording the use.
+/// the hash matches; then permissions, the cache, and recording the use at `now` (the
+/// transaction's start, TimestampTz).
 fn verified_from_row(
     api_key: &str,
     prefix: &str,
+    now: i64,
     before: Option<u64>,
     found: Option<crate::lookup::KeyRow>,
 ) -> Result<Option<VerifiedKey>> {
     let Some(row) = found else { return Ok(None) };
-    let now = crate::lookup::now();
     if row.is_revoked || row.expires_at <= now || !hash::verify_key(api_key, &row.key_hash) {
         return Ok(None);
     }
@@ -868,9 +868,7 @@ fn verified_from_row(
         scope_id: row.scope_id,
         permissions,
     };
-    let due = row
-        .last_used_at
-        .is_none_or(|used| used < now - crate::usage::interval_micros());
+    let due = crate::usage::due(row.last_used_at, now);
     if due && !crate::usage::record(row.id, row.tid, now) && can_write() {
         crate::elevate::as_owner(|| {
             Spi::connect_mut(|client| TOUCH_LAST_USED.run(client, &[row.id.into()]).map(|_| ()))

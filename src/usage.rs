@@ -221,9 +221,12 @@ pub fn init() {
     }
 }
 
-/// `keyhippo.last_used_interval` in microseconds.
-pub fn interval_micros() -> i64 {
-    LAST_USED_INTERVAL.get().max(1) as i64 * 1_000_000
+/// Whether a use at `now` must be recorded, the key's last known use being `last_used`
+/// (TimestampTz; None: never used): once per `keyhippo.last_used_interval`. The one rule for
+/// the row's `last_used_at`, the verified-key cache and this backend's memory of recorded keys.
+pub fn due(last_used: Option<i64>, now: i64) -> bool {
+    let interval = LAST_USED_INTERVAL.get().max(1) as i64 * 1_000_000;
+    last_used.is_none_or(|used| now.saturating_sub(used) >= interval)
 }
 
 /// Whether this server preloaded keyhippo (shared memory and the worker exist).
@@ -256,11 +259,10 @@ pub fn record(id: pgrx::Uuid, tid: Tid, now: i64) -> bool {
         return false;
     }
     let key = *id.as_bytes();
-    let interval = interval_micros();
     let slot = Recent::slot(&key);
     let fresh = RECENT.with(|r| {
         let r = r.borrow();
-        r.ids[slot] == key && now.saturating_sub(r.at[slot]) < interval
+        r.ids[slot] == key && !due(Some(r.at[slot]), now)
     });
     if fresh {
         return true;
@@ -329,7 +331,7 @@ fn write(client: &mut pgrx::spi::SpiClient<'_>, uses: &[Use]) -> Result<()> {
         None => uses.to_vec(),
     };
     debug1!(
-        "keyhippo: {} key uses written in place, {} by statement",
+        "keyhippo: {} key uses written where verify found the rows, {} by the UPDATE statement",
         uses.len() - rest.len(),
         rest.len()
     );
