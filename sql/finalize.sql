@@ -370,6 +370,25 @@ CREATE TRIGGER keyhippo_sync_revocation
     BEFORE UPDATE OF is_revoked, revoked_at ON keyhippo.api_key_metadata
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.sync_revocation();
 
+-- last_used_at never moves back. The background worker overwrites a key row's last_used_at
+-- where it is (README, "How the worker writes"); an UPDATE that read the row just before such an
+-- overwrite would otherwise write the earlier time back with its new row version. OLD here is
+-- the row as locked for the update, overwrites included (none can happen once it is locked).
+CREATE FUNCTION keyhippo_internal.keep_last_used() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    NEW.last_used_at := OLD.last_used_at;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER keyhippo_keep_last_used
+    BEFORE UPDATE ON keyhippo.api_key_metadata
+    FOR EACH ROW WHEN (OLD.last_used_at > NEW.last_used_at)
+    EXECUTE FUNCTION keyhippo_internal.keep_last_used();
+
 -- A revoked key's hash is deleted, so nothing can verify against it again.
 CREATE FUNCTION keyhippo_internal.delete_revoked_secret() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER

@@ -361,9 +361,15 @@ mod tests {
         .unwrap()
     }
 
+    /// Every recorded use written as a new row version (keyhippo.last_used_in_place = off).
+    fn row_versions_only() {
+        Spi::run("SET LOCAL keyhippo.last_used_in_place = off").unwrap();
+    }
+
     #[pg_test]
     fn recorded_uses_are_written_where_verify_read_the_row() {
         act_as(USER_A);
+        row_versions_only();
         let (key_a, a) = create_key("writer a");
         let (_, b) = create_key("writer b");
         let (root_a, root_b) = (tid_of(a), tid_of(b));
@@ -452,11 +458,15 @@ mod tests {
     #[pg_test]
     fn an_index_on_last_used_at_gets_the_new_entries() {
         act_as(USER_A);
-        let (_, a) = create_key("indexed");
+        let (key, a) = create_key("indexed");
+        assert!(write_uses(&[use_of(a, tid_of(a), "2030-05-04 00:00:00+00")]).is_empty());
         Spi::run("CREATE INDEX last_used_idx ON keyhippo.api_key_metadata (last_used_at)").unwrap();
         let hot_before = hot_updates();
-        assert!(write_uses(&[use_of(a, tid_of(a), "2030-05-05 00:00:00+00")]).is_empty());
-        // Not HOT (an indexed column changed): the row is found through the new index entry.
+        let before = tid_of(a);
+        assert!(write_uses(&[use_of(a, root_of(&key), "2030-05-05 00:00:00+00")]).is_empty());
+        // Not overwritten in place (the index entry would go stale), not HOT (an indexed column
+        // changed): a new version elsewhere, found through its new index entry.
+        assert_ne!(tid_of(a), before);
         assert_eq!(hot_updates(), hot_before);
         Spi::run("SET LOCAL enable_seqscan = off").unwrap();
         Spi::run("SET LOCAL enable_bitmapscan = off").unwrap();
@@ -535,5 +545,113 @@ mod tests {
         assert_eq!(last_used_text(a).as_deref(), Some("2030-03-03 00:00:00"));
         assert_eq!(digest(), before);
         assert_eq!(verify_count(&format!("'{key}'")), 1);
+        // The next use as well (a new row version here: this transaction's UPDATE above left
+        // it as a locker on the row; tests/last_used.sh overwrites such a row in place).
+        assert!(write_uses(&[use_of(a, root_of(&key), "2030-03-04 00:00:00+00")]).is_empty());
+        assert_eq!(last_used_text(a).as_deref(), Some("2030-03-04 00:00:00"));
+        assert_eq!(digest(), before);
+        assert_eq!(verify_count(&format!("'{key}'")), 1);
+    }
+
+    /// The row of key `id` as text (every column but last_used_at), to show nothing else changed.
+    fn row_without_last_used(id: pgrx::Uuid) -> String {
+        Spi::get_one::<String>(&format!(
+            "SELECT (to_jsonb(m) - 'last_used_at')::text FROM keyhippo.api_key_metadata m WHERE id = '{id}'"
+        ))
+        .unwrap()
+        .unwrap()
+    }
+
+    #[pg_test]
+    fn a_key_used_before_has_its_last_used_at_overwritten_in_place() {
+        act_as(USER_A);
+        let (key, a) = create_key("in place");
+        let hot_before = hot_updates();
+        // A first use (last_used_at NULL: the row grows) is a new row version.
+        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-01 00:00:00+00")]).is_empty());
+        assert_eq!(hot_updates() - hot_before, 1);
+        let here = tid_of(a);
+        let row = row_without_last_used(a);
+        // The next ones overwrite the time where it is: same tuple, no update counted.
+        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-02 00:00:00.5+00")]).is_empty());
+        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-02 00:00:00.5"));
+        assert_eq!(tid_of(a), here);
+        assert_eq!(hot_updates() - hot_before, 1);
+        assert_eq!(row_without_last_used(a), row);
+        // Never back.
+        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-01 12:00:00+00")]).is_empty());
+        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-02 00:00:00.5"));
+        // Found by its indexes as before.
+        assert_eq!(verify_count(&format!("'{key}'")), 1);
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        assert_eq!(
+            Spi::get_one::<String>(&format!(
+                "SELECT (last_used_at AT TIME ZONE 'UTC')::text FROM keyhippo.api_key_metadata WHERE id = '{a}'"
+            ))
+            .unwrap()
+            .as_deref(),
+            Some("2030-01-02 00:00:00.5")
+        );
+        // Switched off: a new row version again.
+        row_versions_only();
+        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-03 00:00:00+00")]).is_empty());
+        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-03 00:00:00"));
+        assert_ne!(tid_of(a), here);
+        assert_eq!(hot_updates() - hot_before, 2);
+    }
+
+    #[pg_test]
+    fn a_locked_or_published_row_gets_a_new_version_instead() {
+        act_as(USER_A);
+        let (key, a) = create_key("locked");
+        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-01 00:00:00+00")]).is_empty());
+        // A row lock (as a foreign key check takes): the use must wait for the locker like an
+        // UPDATE, so it is written as a row update (here by the locking transaction itself).
+        Spi::run(&format!(
+            "SELECT 1 FROM keyhippo.api_key_metadata WHERE id = '{a}' FOR KEY SHARE"
+        ))
+        .unwrap();
+        let here = tid_of(a);
+        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-02 00:00:00+00")]).is_empty());
+        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-02 00:00:00"));
+        assert_ne!(tid_of(a), here);
+        // A table whose updates are published: logical decoding does not see an overwrite.
+        let (key_b, b) = create_key("published");
+        assert!(write_uses(&[use_of(b, root_of(&key_b), "2030-01-01 00:00:00+00")]).is_empty());
+        Spi::run("CREATE PUBLICATION keyhippo_test FOR TABLE keyhippo.api_key_metadata").unwrap();
+        let here = tid_of(b);
+        assert!(write_uses(&[use_of(b, root_of(&key_b), "2030-01-02 00:00:00+00")]).is_empty());
+        assert_eq!(last_used_text(b).as_deref(), Some("2030-01-02 00:00:00"));
+        assert_ne!(tid_of(b), here);
+    }
+
+    #[pg_test]
+    fn an_update_never_moves_last_used_at_back() {
+        act_as(USER_A);
+        let (_, a) = create_key("kept");
+        let update = |set: &str| {
+            Spi::run(&format!(
+                "UPDATE keyhippo.api_key_metadata SET {set} WHERE id = '{a}'"
+            ))
+            .unwrap()
+        };
+        update("last_used_at = '2030-01-02 00:00:00+00'");
+        // An UPDATE carrying an earlier time (as one that read the row before the worker
+        // overwrote it would) keeps the later one; its other changes are made.
+        update("last_used_at = '2030-01-01 00:00:00+00', description = 'renamed'");
+        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-02 00:00:00"));
+        assert_eq!(
+            Spi::get_one::<String>(&format!(
+                "SELECT description FROM keyhippo.api_key_metadata WHERE id = '{a}'"
+            ))
+            .unwrap()
+            .as_deref(),
+            Some("renamed")
+        );
+        update("last_used_at = '2030-01-03 00:00:00+00'");
+        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-03 00:00:00"));
+        // Clearing it is an explicit choice, and kept.
+        update("last_used_at = NULL");
+        assert_eq!(last_used_text(a), None);
     }
 }

@@ -41,6 +41,9 @@ const FLUSH_BATCH: usize = 2048;
 pub static LAST_USED_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// Seconds between two flushes of the shared buffer by the background worker.
 pub static FLUSH_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(10);
+/// Whether a use of a key whose last_used_at is set is written over the old time where it is
+/// (no new row version) when the table allows it; see `usage_writer`.
+pub static IN_PLACE: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// The database whose key uses the background worker writes.
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -189,6 +192,14 @@ pub fn init() {
         GucFlags::default(),
     );
 
+    GucRegistry::define_bool_guc(
+        c"keyhippo.last_used_in_place",
+        c"Whether recorded key uses overwrite last_used_at in place instead of writing a new row version.",
+        c"Only for rows whose last_used_at is already set, in a table with no index on last_used_at that no publication replicates updates of. Off: every recorded use is a row update (transactional, decoded by logical replication, more WAL, dead row versions for VACUUM).",
+        &IN_PLACE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"keyhippo.verified_key_cache",
         c"Whether each backend caches the API keys it has verified.",

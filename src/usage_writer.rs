@@ -18,6 +18,13 @@
 //! `session_replication_role` is `replica` (as the worker sets it: recording a use is not a
 //! change to audit), rules, stored generated columns, forced row level security, another table
 //! access method.
+//!
+//! A key used before (last_used_at already set) has only those 8 bytes to change: they are
+//! overwritten where they are ([`overwrite`]), like `heap_inplace_update` does for `pg_class`,
+//! when nothing could tell the difference from a new row version ([`in_place_allowed`], and
+//! `keyhippo.last_used_in_place`): no dead version for pruning and VACUUM, no HOT chain for the
+//! next verify. An UPDATE that read the row before an overwrite and writes its new version
+//! after it keeps the later time through the `keyhippo_keep_last_used` trigger.
 
 use pgrx::pg_sys;
 use std::cell::RefCell;
@@ -149,9 +156,155 @@ unsafe fn plain_update_target(rel: pg_sys::Relation) -> bool {
     }
 }
 
+/// What [`overwrite`] did.
+enum Overwrite {
+    Written,
+    /// The row already holds this time or a later one.
+    NotNeeded,
+    /// The row must be written as a new version.
+    Fallback,
+}
+
+/// `XLOG_HEAP_INPLACE` (access/heapam_xlog.h, PostgreSQL 15): the record `heap_inplace_update`
+/// writes, whose main data is the tuple's offset and whose block data the tuple's new contents.
+const XLOG_HEAP_INPLACE: u8 = 0x70;
+
+/// Whether last_used_at of `rel` may be overwritten in place: a permanent table not created
+/// in this transaction (its changes are always WAL-logged), no index on the column (its
+/// entries would go stale), not published for logical replication of updates (an overwrite
+/// is not decoded).
+unsafe fn in_place_allowed(rel: pg_sys::Relation, used_att: pg_sys::AttrNumber) -> bool {
+    unsafe {
+        if (*(*rel).rd_rel).relpersistence != pg_sys::RELPERSISTENCE_PERMANENT as std::ffi::c_char
+            || (*rel).rd_createSubid != 0
+            || (*rel).rd_firstRelfilenodeSubid != 0
+        {
+            return false;
+        }
+        let indexed = pg_sys::RelationGetIndexAttrBitmap(
+            rel,
+            pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_ALL,
+        );
+        let member = used_att as i32 - pg_sys::FirstLowInvalidHeapAttributeNumber;
+        if pg_sys::bms_is_member(member, indexed) {
+            return false;
+        }
+        let mut publications: pg_sys::PublicationDesc = std::mem::zeroed();
+        pg_sys::RelationBuildPublicationDesc(rel, &mut publications);
+        !publications.pubactions.pubupdate
+    }
+}
+
+/// Whether no transaction is updating or locking the row version `tuple` (its page locked):
+/// no xmax, or only a lock (not a MultiXact) by a transaction that has ended. (An UPDATE
+/// through the executor leaves its own transaction as a key-share locker on the new version
+/// when a BEFORE ROW trigger locked the row first, as keyhippo's do: once it has committed,
+/// that is no lock.)
+unsafe fn unlocked(tuple: pg_sys::HeapTupleHeader) -> bool {
+    unsafe {
+        let infomask = (*tuple).t_infomask as u32;
+        let xmax = (*tuple).t_choice.t_heap.t_xmax;
+        if infomask & pg_sys::HEAP_XMAX_INVALID != 0 || xmax == pg_sys::InvalidTransactionId {
+            return true;
+        }
+        // HEAP_XMAX_IS_LOCKED_ONLY
+        let lock_only = infomask & pg_sys::HEAP_XMAX_LOCK_ONLY != 0
+            || infomask & (pg_sys::HEAP_XMAX_IS_MULTI | pg_sys::HEAP_LOCK_MASK)
+                == pg_sys::HEAP_XMAX_EXCL_LOCK;
+        infomask & pg_sys::HEAP_XMAX_IS_MULTI == 0
+            && lock_only
+            && !pg_sys::TransactionIdIsInProgress(xmax)
+    }
+}
+
+/// Overwrites last_used_at of the row version at `tid` with `at`, where it is: `formed` is that
+/// version with last_used_at set to `at` (same null columns, so the same length and layout).
+/// Under the page's exclusive lock: the version must have no updater or locker ([`unlocked`];
+/// else the row is written as a new version, which waits for them), and must differ from `formed` in one
+/// aligned 8-byte field only, last_used_at's (else it is not the version `formed` was made
+/// from). WAL-logged as `heap_inplace_update` does, so replay and standbys see it.
+unsafe fn overwrite(
+    rel: pg_sys::Relation,
+    tid: pg_sys::ItemPointerData,
+    formed: pg_sys::HeapTuple,
+    at: i64,
+) -> Overwrite {
+    unsafe {
+        let (block, offset) = pgrx::itemptr::item_pointer_get_both(tid);
+        let buffer = pg_sys::ReadBufferExtended(
+            rel,
+            pg_sys::ForkNumber::MAIN_FORKNUM,
+            block,
+            pg_sys::ReadBufferMode::RBM_NORMAL,
+            std::ptr::null_mut(),
+        );
+        pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_EXCLUSIVE as i32);
+        let page = pg_sys::BufferGetPage(buffer);
+        let result = 'check: {
+            if offset == 0 || offset > pg_sys::PageGetMaxOffsetNumber(page) {
+                break 'check Overwrite::Fallback;
+            }
+            let item = pg_sys::PageGetItemId(page, offset);
+            if (*item).lp_flags() != pg_sys::LP_NORMAL {
+                break 'check Overwrite::Fallback;
+            }
+            let tuple = pg_sys::PageGetItem(page, item) as pg_sys::HeapTupleHeader;
+            if !unlocked(tuple) {
+                break 'check Overwrite::Fallback;
+            }
+            let len = (*item).lp_len() as usize;
+            let hoff = (*tuple).t_hoff as usize;
+            let new = (*formed).t_data;
+            if (*formed).t_len as usize != len || (*new).t_hoff as usize != hoff || len <= hoff {
+                break 'check Overwrite::Fallback;
+            }
+            let data = (tuple as *mut u8).add(hoff);
+            let old = std::slice::from_raw_parts(data, len - hoff);
+            let want = std::slice::from_raw_parts((new as *const u8).add(hoff), len - hoff);
+            let Some(first) = old.iter().zip(want).position(|(a, b)| a != b) else {
+                break 'check Overwrite::NotNeeded;
+            };
+            // The tuple's data starts MAXALIGNed; a timestamptz is aligned to 8 within it.
+            let field = first / 8 * 8;
+            if field + 8 > old.len()
+                || old[field + 8..] != want[field + 8..]
+                || want[field..field + 8] != at.to_ne_bytes()
+            {
+                break 'check Overwrite::Fallback;
+            }
+            let current = i64::from_ne_bytes(old[field..field + 8].try_into().expect("8 bytes"));
+            if current >= at {
+                break 'check Overwrite::NotNeeded;
+            }
+            // START_CRIT_SECTION: an error from here to the WAL record would be a PANIC.
+            pg_sys::CritSectionCount += 1;
+            // One aligned 8-byte store: a reader holding only a pin sees the old time or the
+            // new one, never a mix.
+            std::ptr::write_volatile(data.add(field) as *mut i64, at);
+            pg_sys::MarkBufferDirty(buffer);
+            pg_sys::XLogBeginInsert();
+            let mut offnum: pg_sys::OffsetNumber = offset;
+            pg_sys::XLogRegisterData(
+                std::ptr::addr_of_mut!(offnum).cast(),
+                std::mem::size_of::<pg_sys::OffsetNumber>() as i32,
+            );
+            pg_sys::XLogRegisterBuffer(0, buffer, pg_sys::REGBUF_STANDARD as u8);
+            pg_sys::XLogRegisterBufData(0, data.cast(), (len - hoff) as i32);
+            let lsn = pg_sys::XLogInsert(pg_sys::RmgrIds::RM_HEAP_ID as u8, XLOG_HEAP_INPLACE);
+            let header = page as *mut pg_sys::PageHeaderData;
+            (*header).pd_lsn.xlogid = (lsn >> 32) as u32;
+            (*header).pd_lsn.xrecoff = lsn as u32;
+            pg_sys::CritSectionCount -= 1;
+            Overwrite::Written
+        };
+        pg_sys::UnlockReleaseBuffer(buffer);
+        result
+    }
+}
+
 /// Writes `uses` (from [`latest_per_key`]) to `last_used_at` of `table` where verify read the
-/// rows (column `id_att` must hold the key's id, `used_att` is last_used_at), never moving a
-/// time back; returns the uses it did not write and that the caller's UPDATE statement must:
+/// rows (column `id_att` must hold the key's id, `used_att` is last_used_at), in place where
+/// allowed and as new row versions otherwise, never moving a time back; returns the uses it did not write and that the caller's UPDATE statement must:
 /// all of them when the table is not a [`plain_update_target`]. Keys whose row was deleted are
 /// neither written nor returned.
 ///
@@ -210,11 +363,14 @@ pub unsafe fn write(
         prune_previous_pages(rel, blocks);
         let mut updated_pages: Vec<u32> = Vec::new();
         let outer = pg_sys::MemoryContextSwitchTo(per_row);
-        for u in uses {
+        let (id_i, used_i) = (id_att as usize - 1, used_att as usize - 1);
+        // The row version of `u`'s key that this snapshot sees, found from where verify read
+        // it (following a HOT chain): its values, or None when the caller's statement must
+        // look for it (no tuple id, moved, or the tuple id now holds another row).
+        let fetch_row = |u: &Use| -> Option<(&[pg_sys::Datum], &[bool])> {
             pg_sys::MemoryContextReset(per_row);
             if !u.tid.is_valid() || u.tid.block >= blocks {
-                rest.push(*u);
-                continue;
+                return None;
             }
             pg_sys::ExecClearTuple(found);
             let mut tid = u.tid.item_pointer();
@@ -228,18 +384,46 @@ pub unsafe fn write(
                 &mut all_dead,
             );
             if !visible {
-                rest.push(*u);
-                continue;
+                return None;
             }
             pg_sys::slot_getallattrs(found);
             let values = std::slice::from_raw_parts((*found).tts_values, natts);
             let nulls = std::slice::from_raw_parts((*found).tts_isnull, natts);
-            let (id_i, used_i) = (id_att as usize - 1, used_att as usize - 1);
             if nulls[id_i] || *values[id_i].cast_mut_ptr::<[u8; 16]>() != u.id {
-                // The tuple id now holds another row (reused after VACUUM).
+                return None;
+            }
+            Some((values, nulls))
+        };
+        // First the rows whose last_used_at is set: overwritten where they are when possible,
+        // before this transaction has an id (so logical decoding skips those WAL records).
+        // Then, as row updates, the rest: first uses (NULL), and rows being updated or locked.
+        let mut later: Vec<Use> = Vec::new();
+        let in_place = crate::usage::IN_PLACE.get() && in_place_allowed(rel, used_att);
+        for u in uses.iter().filter(|_| in_place) {
+            let Some((values, nulls)) = fetch_row(u) else {
                 rest.push(*u);
                 continue;
+            };
+            if nulls[used_i] {
+                later.push(*u);
+                continue;
             }
+            if values[used_i].value() as i64 >= u.at {
+                continue;
+            }
+            let mut changed = values.to_vec();
+            changed[used_i] = pg_sys::Datum::from(u.at);
+            let formed =
+                pg_sys::heap_form_tuple(desc, changed.as_mut_ptr(), nulls.as_ptr().cast_mut());
+            if let Overwrite::Fallback = overwrite(rel, (*found).tts_tid, formed, u.at) {
+                later.push(*u);
+            }
+        }
+        for u in if in_place { &later[..] } else { uses } {
+            let Some((values, nulls)) = fetch_row(u) else {
+                rest.push(*u);
+                continue;
+            };
             if !nulls[used_i] && values[used_i].value() as i64 >= u.at {
                 continue;
             }

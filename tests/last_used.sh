@@ -220,6 +220,33 @@ read -r key3 id3 <<<"$(new_key standby)"
 sleep 2  # replay
 check "standby is in recovery" t "$(q -p "$STANDBY_PORT" -c "SELECT pg_is_in_recovery()")"
 check "verify on the hot standby" 1 "$(q -p "$STANDBY_PORT" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key3')")"
+# 3b. A key used again (last_used_at already set) has it overwritten where the row is: no new
+#     row version. The overwrite is WAL-logged (the record heap_inplace_update writes), so the
+#     standby replays it. (The worker flushes hourly since section 2: flush_key_usage() here.)
+#     Its claims are stored out of line (TOAST) and stay as they were.
+read -r key11 id11 <<<"$(new_key "used again")"
+q -c "UPDATE keyhippo.api_key_metadata SET claims = jsonb_build_object('blob', (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 2000) i)) WHERE id = '$id11'" >/dev/null
+claims11() { q -c "SELECT md5(claims::text) FROM keyhippo.api_key_metadata WHERE id = '$id11'"; }
+claims_before=$(claims11)
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key11')" -c "SELECT keyhippo.flush_key_usage()" >/dev/null
+first=$(last_used "$id11")
+where() { q -c "SELECT ctid FROM keyhippo.api_key_metadata WHERE id = '$id11'"; }
+tid11=$(where)
+upd() { q -c "SELECT pg_stat_force_next_flush()" -c "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'keyhippo.api_key_metadata'::regclass" | tail -1; }
+upd_before=$(upd)
+sleep 1.1
+q -c "SET keyhippo.last_used_interval = 1" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key11')" \
+  -c "SELECT keyhippo.flush_key_usage()" >/dev/null
+second=$(last_used "$id11")
+check "used again: last_used_at moved on, same row version, no row update, claims kept" "yes $tid11 0 $claims_before" \
+    "$([ "$first" != null ] && [[ "$second" > "$first" ]] && echo yes || echo "no ($first -> $second)") $(where) $(( $(upd) - upd_before )) $(claims11)"
+lsn=$(q -c "SELECT pg_current_wal_lsn()")
+for i in $(seq 1 100); do
+    [ "$(q -p "$STANDBY_PORT" -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t ] && break
+    sleep 0.1
+done
+check "the overwrite replayed on the standby" "$second" \
+    "$(q -p "$STANDBY_PORT" -c "SELECT coalesce(last_used_at::text, 'null') FROM keyhippo.api_key_metadata WHERE id = '$id11'")"
 check "revoked key refused on the primary right after commit" 0 \
     "$(q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" -c "RESET ROLE" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" | tail -1)"
 
