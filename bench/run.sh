@@ -6,6 +6,7 @@
 #   BENCH_SECONDS length of each pgbench run (default 10)
 #   BENCH_CREATE_JOBS  connections creating the keys in parallel (default: the number of cores)
 #   BENCH_COST_ROUNDS  rounds of each in-database cost loop; medians are reported (default 5)
+#   BENCH_FRESH_KEYS=1 keys never used before (default: in service, last_used_at already set)
 #
 # The cluster preloads keyhippo (shared_preload_libraries), so verify records uses in shared
 # memory and the background worker writes last_used_at; BENCH_PRELOAD=0 measures the fallback.
@@ -54,6 +55,16 @@ for j in $(seq 0 $((JOBS - 1))); do
 done
 for p in "${pids[@]}"; do wait "$p" || { echo "creating keys failed" >&2; exit 1; }; done
 create_seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+# Keys in service: a deployment's keys have been used before, so their last_used_at is set.
+# A key's first use is written as a new row version (NULL to a time: the row grows); later
+# uses are overwritten in place (README, "How the worker writes"). BENCH_FRESH_KEYS=1 keeps
+# the keys never used, every recorded use in the rounds then mostly a first one. Bulk set-up
+# as a restore would do it: no audit rows (session_replication_role = replica).
+FRESH=${BENCH_FRESH_KEYS:-0}
+if [ "$FRESH" != 1 ]; then
+    q -c "SET session_replication_role = replica" \
+      -c "UPDATE keyhippo.api_key_metadata SET last_used_at = created_at - interval '1 day'" >/dev/null
+fi
 # CHECKPOINT first: VACUUM marks pages all-visible only for rows whose commit is flushed
 # (synchronous_commit = off here), as autovacuum would find them later in a real database.
 q -c "CHECKPOINT" -c "VACUUM ANALYZE" -c "CHECKPOINT"
@@ -91,6 +102,9 @@ pgb() {
 }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
+rounds_start=$(q -c "SELECT now()")
+stats() { q -F ' ' -c "SELECT n_tup_upd, n_tup_hot_upd, autovacuum_count FROM pg_stat_user_tables WHERE relid = 'keyhippo.api_key_metadata'::regclass"; }
+read -r upd0 hot0 av0 <<<"$(stats)"
 kinds="floor verify select1"
 [ "$N" -gt 10000 ] && kinds="$kinds floor10k verify10k verify_cache verify10k_cache"
 for r in $(seq 1 "$ROUNDS"); do
@@ -105,7 +119,9 @@ done
 # updated, and how many of them as HOT updates (no index entries).
 q -c "SELECT keyhippo.flush_key_usage()" >/dev/null
 sleep 1
-read -r upd hot <<<"$(q -F ' ' -c "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'keyhippo.api_key_metadata'::regclass")"
+read -r upd hot av <<<"$(stats)"
+upd=$((upd - upd0)); hot=$((hot - hot0)); av=$((av - av0))
+used_keys=$(q -c "SELECT count(*) FROM keyhippo.api_key_metadata WHERE last_used_at >= '$rounds_start'")
 
 cost() { q -c "$AS_USER" -f bench/cost.sql -c "BEGIN" -c "SELECT round(pg_temp.cost_$1(10000)::numeric, 1)" -c "ROLLBACK" | tail -1; }
 # What runs before leaves work behind: uses for the background worker to write, dead row
@@ -129,7 +145,7 @@ echo "## keyhippo benchmark"
 echo
 echo "$(nproc) cores, $(free -g | awk '/^Mem/ {print $2}') GiB, $(uname -m), PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'), $(date -u +%Y-%m-%d)."
 echo "Keys: $N; pgbench -M prepared -c 2 -j 2 -T $SECONDS_PER_RUN; medians of $ROUNDS rounds ($COST_ROUNDS for the in-database loops);"
-echo "shared_preload_libraries: $([ "$PRELOAD" = 1 ] && echo keyhippo || echo none)."
+echo "shared_preload_libraries: $([ "$PRELOAD" = 1 ] && echo keyhippo || echo none); keys $([ "$FRESH" = 1 ] && echo 'never used before (BENCH_FRESH_KEYS=1)' || echo 'in service (last_used_at set a day before the run)')."
 echo
 echo "| measurement | median | rounds |"
 echo "|---|---|---|"
@@ -149,7 +165,9 @@ if [ -f "$OUT/verify10k.tps" ]; then
     echo "| verify over the first 10,000, cache on | $v10kc tps | $(paste -sd' ' "$OUT/verify10k_cache.tps") |"
     echo "| verify at $N keys / at 10,000, cache on | $(div "$vc" "$v10kc") | |"
 fi
-echo "| last_used_at rows written during the pgbench rounds (HOT updates) | $upd ($hot) | |"
+echo "| keys whose last_used_at was written during the pgbench rounds | $used_keys | |"
+echo "| of those writes, row updates (HOT updates); the rest overwritten in place | $upd ($hot) | |"
+echo "| autovacuum runs on the key table during the rounds | $av | |"
 echo "| in-database cost, verify | $(m cost_verify) µs per call (target <= 10) | $(paste -sd' ' "$OUT/cost_verify") |"
 echo "| in-database cost, create | $(m cost_create) µs per call (target <= 100) | $(paste -sd' ' "$OUT/cost_create") |"
 echo "| in-database cost, revoke | $(m cost_revoke) µs per call | $(paste -sd' ' "$OUT/cost_revoke") |"
