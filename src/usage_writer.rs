@@ -165,8 +165,10 @@ enum Overwrite {
     Fallback,
 }
 
-/// `XLOG_HEAP_INPLACE` (access/heapam_xlog.h, PostgreSQL 15): the record `heap_inplace_update`
-/// writes, whose main data is the tuple's offset and whose block data the tuple's new contents.
+/// `XLOG_HEAP_INPLACE` (access/heapam_xlog.h): the record `heap_inplace_update` writes, whose
+/// main data is the tuple's offset (`xl_heap_inplace` as in PostgreSQL 13 to 16; newer
+/// versions add cache invalidation data to it, so no overwrite is made there) and whose block
+/// data is the tuple's new contents.
 const XLOG_HEAP_INPLACE: u8 = 0x70;
 
 /// Whether last_used_at of `rel` may be overwritten in place: a permanent table not created
@@ -174,6 +176,15 @@ const XLOG_HEAP_INPLACE: u8 = 0x70;
 /// entries would go stale), not published for logical replication of updates (an overwrite
 /// is not decoded).
 unsafe fn in_place_allowed(rel: pg_sys::Relation, used_att: pg_sys::AttrNumber) -> bool {
+    // The WAL record `overwrite` writes has PostgreSQL 13 to 16's layout.
+    if !cfg!(any(
+        feature = "pg13",
+        feature = "pg14",
+        feature = "pg15",
+        feature = "pg16"
+    )) {
+        return false;
+    }
     unsafe {
         if (*(*rel).rd_rel).relpersistence != pg_sys::RELPERSISTENCE_PERMANENT as std::ffi::c_char
             || (*rel).rd_createSubid != 0
@@ -220,9 +231,10 @@ unsafe fn unlocked(tuple: pg_sys::HeapTupleHeader) -> bool {
 /// Overwrites last_used_at of the row version at `tid` with `at`, where it is: `formed` is that
 /// version with last_used_at set to `at` (same null columns, so the same length and layout).
 /// Under the page's exclusive lock: the version must have no updater or locker ([`unlocked`];
-/// else the row is written as a new version, which waits for them), and must differ from `formed` in one
-/// aligned 8-byte field only, last_used_at's (else it is not the version `formed` was made
-/// from). WAL-logged as `heap_inplace_update` does, so replay and standbys see it.
+/// else the row is written as a new version, which waits for them), and must differ from
+/// `formed` in one aligned 8-byte field only, last_used_at's (else it is not the version
+/// `formed` was made from). WAL-logged as `heap_inplace_update` does, so replay and standbys
+/// see it.
 unsafe fn overwrite(
     rel: pg_sys::Relation,
     tid: pg_sys::ItemPointerData,
