@@ -38,6 +38,19 @@ thread_local! {
         const { RefCell::new((pg_sys::InvalidOid, Vec::new())) };
 }
 
+/// Pins block `block` of `rel`'s main fork (reading it into shared buffers if needed).
+unsafe fn read_block(rel: pg_sys::Relation, block: pg_sys::BlockNumber) -> pg_sys::Buffer {
+    unsafe {
+        pg_sys::ReadBufferExtended(
+            rel,
+            pg_sys::ForkNumber::MAIN_FORKNUM,
+            block,
+            pg_sys::ReadBufferMode::RBM_NORMAL,
+            std::ptr::null_mut(),
+        )
+    }
+}
+
 /// Prunes the pages the previous [`write`] updated rows on, when they are of `rel` and still
 /// in it (the dead row versions of that write's committed transaction: no snapshot needs them
 /// any more, or `heap_page_prune_opt` leaves them).
@@ -48,13 +61,7 @@ unsafe fn prune_previous_pages(rel: pg_sys::Relation, blocks: pg_sys::BlockNumbe
     }
     for block in pages.into_iter().filter(|&b| b < blocks) {
         unsafe {
-            let buffer = pg_sys::ReadBufferExtended(
-                rel,
-                pg_sys::ForkNumber::MAIN_FORKNUM,
-                block,
-                pg_sys::ReadBufferMode::RBM_NORMAL,
-                std::ptr::null_mut(),
-            );
+            let buffer = read_block(rel, block);
             pg_sys::heap_page_prune_opt(rel, buffer);
             pg_sys::ReleaseBuffer(buffer);
         }
@@ -243,13 +250,7 @@ unsafe fn overwrite(
 ) -> Overwrite {
     unsafe {
         let (block, offset) = pgrx::itemptr::item_pointer_get_both(tid);
-        let buffer = pg_sys::ReadBufferExtended(
-            rel,
-            pg_sys::ForkNumber::MAIN_FORKNUM,
-            block,
-            pg_sys::ReadBufferMode::RBM_NORMAL,
-            std::ptr::null_mut(),
-        );
+        let buffer = read_block(rel, block);
         pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_EXCLUSIVE as i32);
         let page = pg_sys::BufferGetPage(buffer);
         let result = 'check: {
