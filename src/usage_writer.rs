@@ -317,8 +317,9 @@ unsafe fn overwrite(
 
 /// Writes `uses` (from [`latest_per_key`]) to `last_used_at` of `table` where verify read the
 /// rows (column `id_att` must hold the key's id, `used_att` is last_used_at), in place where
-/// allowed and as new row versions otherwise, never moving a time back; returns the uses it did not write and that the caller's UPDATE statement must:
-/// all of them when the table is not a [`plain_update_target`]. Keys whose row was deleted are
+/// allowed and as new row versions otherwise, never moving a time back; returns the uses it did
+/// not write and that the caller's UPDATE statement must: all of them when the table is not a
+/// [`plain_update_target`]. Keys whose row was deleted are
 /// neither written nor returned.
 ///
 /// # Safety
