@@ -209,13 +209,15 @@ bin/cluster restart last_used || exit 1
 check "written at shutdown, there after restart" yes "$([ "$(last_used "$id2")" != null ] && echo yes || echo no)"
 
 # 3. A hot standby verifies keys (preloaded: uses are recorded and dropped; nothing is written).
-runuser -u postgres -- "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PORT" -U postgres -D "$STANDBY" -R -X stream >/dev/null 2>&1
+runuser -u postgres -- "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PORT" -U postgres -D "$STANDBY" -R -X stream \
+    >"$ROOT/target/clusters/last_used/basebackup.log" 2>&1 || { echo "pg_basebackup failed:"; cat "$ROOT/target/clusters/last_used/basebackup.log"; }
 cat >>"$STANDBY/postgresql.conf" <<CONF
 port = $STANDBY_PORT
 unix_socket_directories = '$STANDBY'
 hot_standby = on
 CONF
-runuser -u postgres -- "$PGBIN/pg_ctl" -D "$STANDBY" -l "$STANDBY/server.log" -w -t 60 start >/dev/null
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$STANDBY" -l "$STANDBY/server.log" -w -t 60 start >/dev/null ||
+    { echo "standby did not start; its log:"; tail -30 "$STANDBY/server.log"; }
 read -r key3 id3 <<<"$(new_key standby)"
 sleep 2  # replay
 check "standby is in recovery" t "$(q -p "$STANDBY_PORT" -c "SELECT pg_is_in_recovery()")"
