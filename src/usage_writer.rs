@@ -408,6 +408,15 @@ pub unsafe fn write(
             }
             Some((values, nulls))
         };
+        // The found row with last_used_at set to `at`, in the slot `new` (both passes write it).
+        let with_use = |values: &[pg_sys::Datum], nulls: &[bool], at: i64| {
+            pg_sys::ExecClearTuple(new);
+            std::ptr::copy_nonoverlapping(values.as_ptr(), (*new).tts_values, natts);
+            std::ptr::copy_nonoverlapping(nulls.as_ptr(), (*new).tts_isnull, natts);
+            *(*new).tts_values.add(used_i) = pg_sys::Datum::from(at);
+            *(*new).tts_isnull.add(used_i) = false;
+            pg_sys::ExecStoreVirtualTuple(new);
+        };
         // First the rows whose last_used_at is set: overwritten where they are when possible,
         // before this transaction has an id (so logical decoding skips those WAL records).
         // Then, as row updates, the rest: first uses (NULL), and rows being updated or locked.
@@ -425,10 +434,8 @@ pub unsafe fn write(
             if values[used_i].value() as i64 >= u.at {
                 continue;
             }
-            let mut changed = values.to_vec();
-            changed[used_i] = pg_sys::Datum::from(u.at);
-            let formed =
-                pg_sys::heap_form_tuple(desc, changed.as_mut_ptr(), nulls.as_ptr().cast_mut());
+            with_use(values, nulls, u.at);
+            let formed = pg_sys::heap_form_tuple(desc, (*new).tts_values, (*new).tts_isnull);
             if let Overwrite::Fallback = overwrite(rel, (*found).tts_tid, formed, u.at) {
                 later.push(*u);
             }
@@ -441,12 +448,7 @@ pub unsafe fn write(
             if !nulls[used_i] && values[used_i].value() as i64 >= u.at {
                 continue;
             }
-            pg_sys::ExecClearTuple(new);
-            std::ptr::copy_nonoverlapping(values.as_ptr(), (*new).tts_values, natts);
-            std::ptr::copy_nonoverlapping(nulls.as_ptr(), (*new).tts_isnull, natts);
-            *(*new).tts_values.add(used_i) = pg_sys::Datum::from(u.at);
-            *(*new).tts_isnull.add(used_i) = false;
-            pg_sys::ExecStoreVirtualTuple(new);
+            with_use(values, nulls, u.at);
             if has_constraints {
                 pg_sys::ExecConstraints(rri, new, estate);
             }
