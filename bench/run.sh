@@ -2,10 +2,10 @@
 # make bench: keyhippo's performance, measured in one run on a throwaway cluster (SPEC 6).
 #
 #   BENCH_KEYS    keys created (default 100000; 1000000 for the large run)
-#   BENCH_ROUNDS  rounds of each pgbench measurement; medians are reported (default 3)
+#   BENCH_ROUNDS  rounds of each pgbench measurement; medians are reported (default 5)
 #   BENCH_SECONDS length of each pgbench run (default 10)
 #   BENCH_CREATE_JOBS  connections creating the keys in parallel (default: the number of cores)
-#   BENCH_COST_ROUNDS  rounds of each in-database cost loop; medians are reported (default 5)
+#   BENCH_COST_ROUNDS  rounds of each in-database cost loop; medians are reported (default 7)
 #   BENCH_FRESH_KEYS=1 keys never used before (default: in service, last_used_at already set)
 #
 # The cluster preloads keyhippo (shared_preload_libraries), so verify records uses in shared
@@ -16,12 +16,12 @@ cd "$ROOT"
 PGBIN=/usr/lib/postgresql/15/bin
 PORT=${BENCH_PORT:-55450}
 N=${BENCH_KEYS:-100000}
-ROUNDS=${BENCH_ROUNDS:-3}
+ROUNDS=${BENCH_ROUNDS:-5}
 SECONDS_PER_RUN=${BENCH_SECONDS:-10}
 PRELOAD=${BENCH_PRELOAD:-1}
 JOBS=${BENCH_CREATE_JOBS:-$(nproc)}
 # The in-database cost loops are short (10,000 calls): more rounds for a steadier median.
-COST_ROUNDS=${BENCH_COST_ROUNDS:-5}
+COST_ROUNDS=${BENCH_COST_ROUNDS:-7}
 OUT="$ROOT/target/bench"
 rm -rf "$OUT"; mkdir -p "$OUT"
 
@@ -126,13 +126,18 @@ used_keys=$(q -c "SELECT count(*) FROM keyhippo.api_key_metadata WHERE last_used
 cost() { q -c "$AS_USER" -f bench/cost.sql -c "BEGIN" -c "SELECT round(pg_temp.cost_$1(10000)::numeric, 1)" -c "ROLLBACK" | tail -1; }
 # What runs before leaves work behind: uses for the background worker to write, dead row
 # versions for autovacuum (the create and revoke loops roll back 10,000 new keys each), dirty
-# pages for the checkpointer. Each operation's rounds therefore run together, on a database
-# settled first (uses written, VACUUM, CHECKPOINT), so that no operation is measured while
-# PostgreSQL cleans up after another one on the same two CPUs.
+# pages for the checkpointer. Every round therefore runs on a database settled first (uses
+# written, VACUUM, CHECKPOINT), so that no operation is measured while PostgreSQL cleans up
+# after another one on the same two CPUs. The rounds of the operations take turns rather than
+# running back to back: one round lasts well under a second and this machine's speed moves
+# by up to half for a minute at a time (see BENCHMARKS.md), so each median is taken over
+# rounds spread across the whole phase instead of over one or two seconds of it.
 settle() { q -c "SELECT keyhippo.flush_key_usage()" -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null; }
-for k in verify create revoke authorize; do
-    settle
-    for r in $(seq 1 "$COST_ROUNDS"); do cost "$k" >>"$OUT/cost_$k"; done
+for r in $(seq 1 "$COST_ROUNDS"); do
+    for k in verify create revoke authorize; do
+        settle
+        cost "$k" >>"$OUT/cost_$k"
+    done
 done
 
 m() { median <"$OUT/$1"; }
@@ -153,6 +158,10 @@ echo "| floor: \`SELECT key FROM bench_keys WHERE i = :i\` | $floor tps, $(m flo
 echo "| \`verify_api_key\` on that key | $verify tps, $(m verify.lat) ms | $(paste -sd' ' "$OUT/verify.tps") |"
 echo "| \`SELECT 1\` | $select1 tps, $(m select1.lat) ms | $(paste -sd' ' "$OUT/select1.tps") |"
 echo "| **verify / floor** | **$ratio** (target >= 0.6) | |"
+# Each round's verify run follows its floor run: their ratio round by round cancels most of
+# the machine's drift between rounds, which the ratio of the two medians above does not.
+paired=$(paste "$OUT/floor.tps" "$OUT/verify.tps" | awk '{printf "%.3f\n", $2 / $1}')
+echo "| verify / floor round by round (each verify run right after its floor run) | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
 if [ -f "$OUT/verify10k.tps" ]; then
     v10k=$(m verify10k.tps)
     echo "| verify, keys drawn from the first 10,000 | $v10k tps | $(paste -sd' ' "$OUT/verify10k.tps") |"
