@@ -160,7 +160,7 @@ echo "| \`SELECT 1\` | $select1 tps, $(m select1.lat) ms | $(paste -sd' ' "$OUT/
 echo "| **verify / floor** | **$ratio** (target >= 0.6) | |"
 # Each round's verify run follows its floor run: their ratio round by round cancels most of
 # the machine's drift between rounds, which the ratio of the two medians above does not.
-paired=$(paste "$OUT/floor.tps" "$OUT/verify.tps" | awk '{printf "%.3f\n", $2 / $1}')
+paired=$(paste "$OUT/floor.tps" "$OUT/verify.tps" | while read -r f v; do div "$v" "$f"; echo; done)
 echo "| verify / floor round by round (each verify run right after its floor run) | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
 if [ -f "$OUT/verify10k.tps" ]; then
     v10k=$(m verify10k.tps)
