@@ -244,7 +244,10 @@ xid11=$(q -c "SET keyhippo.last_used_interval = 1" -c "BEGIN" \
 second=$(last_used "$id11")
 check "used again: last_used_at moved on, same row version, no row update, claims kept, no xid" "yes $tid11 0 $claims_before none" \
     "$([ "$first" != null ] && [[ "$second" > "$first" ]] && echo yes || echo "no ($first -> $second)") $(where) $(( $(upd) - upd_before )) $(claims11) $xid11"
-lsn=$(q -c "SELECT pg_current_wal_lsn()")
+# The insert position, not pg_current_wal_lsn() (the write position): the flush's transaction has
+# no xid, so its commit leaves the record for the WAL writer to write (XLogSetAsyncXactLSN), and
+# a write position read before that would let the wait below end before the record is sent.
+lsn=$(q -c "SELECT pg_current_wal_insert_lsn()")
 for i in $(seq 1 100); do
     [ "$(q -p "$STANDBY_PORT" -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t ] && break
     sleep 0.1
