@@ -600,6 +600,91 @@ mod tests {
         assert_eq!(hot_updates() - hot_before, 2);
     }
 
+    /// Rows of every shape before last_used_at (NULL or set scope_id and description; a
+    /// description with a 1-byte header, with a 4-byte header, compressed, stored out of line),
+    /// inserted with last_used_at set so that the tuple id the index gives is the row version
+    /// itself: each use is written where verify found it (the common path, no fetch and no
+    /// re-formed row) over last_used_at's 8 bytes and nothing else.
+    #[pg_test]
+    fn a_use_is_written_over_last_used_at_alone_whatever_the_row_holds() {
+        use std::sync::atomic::Ordering::Relaxed;
+        act_as(USER_A);
+        let (_, a) = create_key("shapes");
+        let scope = Spi::get_one::<pgrx::Uuid>(
+            "INSERT INTO keyhippo.scopes (name) VALUES ('shapes') RETURNING id",
+        )
+        .unwrap()
+        .unwrap();
+        let descriptions = [
+            "NULL".to_string(),
+            "'d'".to_string(),
+            "repeat('x', 200)".to_string(),
+            "repeat('compressed ', 1000)".to_string(),
+            "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 3000) i)".to_string(),
+        ];
+        for (n, description) in descriptions.iter().enumerate() {
+            for scope_id in ["NULL".to_string(), format!("'{scope}'")] {
+                let id = Spi::get_one::<pgrx::Uuid>(&format!(
+                    "INSERT INTO keyhippo.api_key_metadata \
+                       (user_id, scope_id, description, prefix, last_used_at, claims) \
+                     SELECT user_id, {scope_id}, {description}, \
+                            'kh_shape' || {n} || coalesce(left({scope_id}::text, 4), 'none'), \
+                            '2030-01-01 00:00:00+00', '{{\"k\": \"v\"}}' \
+                       FROM keyhippo.api_key_metadata WHERE id = '{a}' RETURNING id"
+                ))
+                .unwrap()
+                .unwrap();
+                let (here, row) = (tid_of(id), row_without_last_used(id));
+                let before = crate::usage_writer::WRITTEN_WHERE_FOUND.load(Relaxed);
+                assert!(
+                    write_uses(&[use_of(id, here, "2030-01-02 03:04:05.678901+00")]).is_empty()
+                );
+                assert_eq!(
+                    crate::usage_writer::WRITTEN_WHERE_FOUND.load(Relaxed) - before,
+                    1,
+                    "description {description}, scope {scope_id}: not written where found"
+                );
+                assert_eq!(
+                    last_used_text(id).as_deref(),
+                    Some("2030-01-02 03:04:05.678901")
+                );
+                assert_eq!(tid_of(id), here);
+                assert_eq!(row_without_last_used(id), row, "description {description}");
+                // Never back, and nothing written for an earlier time.
+                assert!(write_uses(&[use_of(id, here, "2030-01-01 12:00:00+00")]).is_empty());
+                assert_eq!(
+                    last_used_text(id).as_deref(),
+                    Some("2030-01-02 03:04:05.678901")
+                );
+                assert_eq!(
+                    crate::usage_writer::WRITTEN_WHERE_FOUND.load(Relaxed) - before,
+                    1
+                );
+            }
+        }
+        let toasted = Spi::get_one::<bool>(
+            "SELECT pg_relation_size(reltoastrelid) > 0 FROM pg_class \
+              WHERE oid = 'keyhippo.api_key_metadata'::regclass",
+        )
+        .unwrap();
+        assert_eq!(toasted, Some(true), "no description stored out of line");
+        // A use recorded at a tuple id that now holds another key's row is not written there.
+        let (_, b) = create_key("other");
+        Spi::run(&format!(
+            "UPDATE keyhippo.api_key_metadata SET last_used_at = '2030-01-01' WHERE id = '{b}'"
+        ))
+        .unwrap();
+        let before = crate::usage_writer::WRITTEN_WHERE_FOUND.load(Relaxed);
+        let wrong = use_of(b, tid_of(a), "2030-02-02 00:00:00+00");
+        // Left to the caller's UPDATE statement, which finds the row by its key.
+        assert_eq!(write_uses(&[wrong]), vec![b]);
+        assert_eq!(
+            crate::usage_writer::WRITTEN_WHERE_FOUND.load(Relaxed),
+            before
+        );
+        assert_eq!(last_used_text(a), None);
+    }
+
     #[pg_test]
     fn a_locked_or_published_row_gets_a_new_version_instead() {
         act_as(USER_A);
