@@ -24,7 +24,9 @@
 //! when nothing could tell the difference from a new row version ([`in_place_allowed`], and
 //! `keyhippo.last_used_in_place`): no dead version for pruning and VACUUM, no HOT chain for the
 //! next verify. An UPDATE that read the row before an overwrite and writes its new version
-//! after it keeps the later time through the `keyhippo_keep_last_used` trigger.
+//! after it keeps the later time through the `keyhippo_keep_last_used` trigger. Where the
+//! tuple id verify read holds the version to write (or redirects to it), that is done in one go
+//! under the page lock ([`overwrite_where_found`]); the fetch above is for everything else.
 
 use pgrx::pg_sys;
 use std::cell::RefCell;
