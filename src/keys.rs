@@ -824,7 +824,8 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
             if let Some(tid) = due {
                 // The cache is only on where the worker records uses (shared memory): nothing
                 // to fall back to when the buffer is full but the next use.
-                crate::usage::record(verified.id, tid, now);
+                // A key the cache holds has been used before: its use is overwritten in place.
+                crate::usage::record(verified.id, tid, now, false);
             }
             verified
         }));
@@ -869,7 +870,8 @@ fn verified_from_row(
         permissions,
     };
     let due = crate::usage::due(row.last_used_at, now);
-    if due && !crate::usage::record(row.id, row.tid, now) && can_write() {
+    let first = row.last_used_at.is_none();
+    if due && !crate::usage::record(row.id, row.tid, now, first) && can_write() {
         crate::elevate::as_owner(|| {
             Spi::connect_mut(|client| TOUCH_LAST_USED.run(client, &[row.id.into()]).map(|_| ()))
         })?;

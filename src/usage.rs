@@ -29,13 +29,22 @@ use pgrx::datum::TimestampWithTimeZone;
 /// Uses held between two flushes. A full buffer makes verify fall back to the synchronous path.
 const CAPACITY: usize = 128 * 1024;
 
-/// Uses that wake the worker before its interval is up. Small batches keep the writes cheap:
-/// a key row's page has room (fillfactor 80) for a few new row versions, so a flush that
-/// updates a few rows per page writes each as a HOT update (no index entries), where one that
-/// updated every row of a page would move most of them to other pages and insert an entry in
-/// each of the table's indexes for each (about four times the work per row, measured). And
-/// each row is found by its primary key (nested loop) instead of a scan of the whole table.
-const FLUSH_BATCH: usize = 2048;
+/// Uses to be written as new row versions (a key's first use, whose row grows from NULL to a
+/// time; every use when `keyhippo.last_used_in_place` is off) that wake the worker before its
+/// interval is up. Small batches keep those writes cheap: a key row's page has room (fillfactor
+/// 80) for a few new row versions, so a flush that updates a few rows per page writes each as a
+/// HOT update (no index entries), where one that updated every row of a page would move most of
+/// them to other pages and insert an entry in each of the table's indexes for each (about four
+/// times the work per row, measured). And each row is found by its primary key (nested loop)
+/// instead of a scan of the whole table.
+const ROW_UPDATE_BATCH: usize = 2048;
+
+/// Uses of any kind that wake the worker before its interval is up. Uses overwritten in place
+/// (keys used before: the common case at a million keys in service) cost the worker a visit of
+/// the row's page each, mostly CPU cache misses; in tuple id order, a large batch has several
+/// uses on a page, which share one visit. Half the buffer: the other half takes the uses that
+/// come while the worker writes.
+const IN_PLACE_BATCH: usize = CAPACITY / 2;
 
 /// Seconds between two recorded uses of one key (both paths): how fresh last_used_at is kept.
 pub static LAST_USED_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
@@ -52,6 +61,8 @@ pub static DATABASE: GucSetting<Option<CString>> =
 #[derive(Copy, Clone, Default)]
 pub struct PendingUses {
     len: usize,
+    /// How many of them will be written as new row versions (see [`ROW_UPDATE_BATCH`]).
+    row_updates: usize,
     /// Address of the worker's latch (in shared memory), 0 when no worker runs.
     worker_latch: usize,
 }
@@ -263,9 +274,10 @@ pub fn worker_serves_this_database() -> bool {
 }
 
 /// Records a use of key `id`, whose row verify read at `tid`, at `now` (TimestampTz) for the
-/// background worker. Returns false when the caller must fall back to the synchronous update
-/// (not preloaded, another database, buffer full).
-pub fn record(id: pgrx::Uuid, tid: Tid, now: i64) -> bool {
+/// background worker; `first`: the row's last_used_at is NULL (the write will be a new row
+/// version). Returns false when the caller must fall back to the synchronous update (not
+/// preloaded, another database, buffer full).
+pub fn record(id: pgrx::Uuid, tid: Tid, now: i64, first: bool) -> bool {
     if !worker_serves_this_database() {
         return false;
     }
@@ -290,7 +302,12 @@ pub fn record(id: pgrx::Uuid, tid: Tid, now: i64) -> bool {
         slots.offsets[len] = tid.offset;
         slots.at[len] = now;
         pending.len = len + 1;
-        if pending.len == FLUSH_BATCH {
+        let row_update = first || !IN_PLACE.get();
+        if row_update {
+            pending.row_updates += 1;
+        }
+        if (row_update && pending.row_updates == ROW_UPDATE_BATCH) || pending.len == IN_PLACE_BATCH
+        {
             pending.worker_latch
         } else {
             0
@@ -326,6 +343,7 @@ fn drain() -> Vec<Use> {
             })
             .collect();
         pending.len = 0;
+        pending.row_updates = 0;
         uses
     };
     crate::usage_writer::latest_per_key(uses)
@@ -402,7 +420,7 @@ fn flush() -> Result<usize> {
                 client.update("SET LOCAL session_replication_role = replica", None, &[])?;
                 // Each row through its primary key, whatever the batch size: a hash or merge
                 // join would read the whole key table for a batch (at a million keys, tens of
-                // milliseconds per flush); the batches are small (FLUSH_BATCH).
+                // milliseconds per flush); the uses left to it are few (see usage_writer).
                 client.update("SET LOCAL enable_hashjoin = off", None, &[])?;
                 client.update("SET LOCAL enable_mergejoin = off", None, &[])?;
                 write(client, &uses)?;
