@@ -198,6 +198,37 @@ took=$(wait_used "$id10" 5)
 check "use written after the other transaction's commit, its change kept" "yes changed meanwhile" \
     "$([ "$took" != never ] && echo yes || echo no) $(q -c "SELECT description FROM keyhippo.api_key_metadata WHERE id = '$id10'")"
 
+# 1h. Under load the worker does not wait for its interval (an hour here): the 2,048th use to be
+#     written as a new row version (a key's first use) wakes it, and so does the 65,536th use of
+#     any kind (keys used before, overwritten in place: large batches share page visits).
+q -c "ALTER SYSTEM SET keyhippo.last_used_flush_interval = 3600" -c "SELECT pg_reload_conf()" >/dev/null
+q -c "CREATE TABLE wake_keys (i int PRIMARY KEY, key text NOT NULL, id uuid NOT NULL)" \
+  -c "GRANT ALL ON wake_keys TO authenticated"
+q -c "$as_a" -c "INSERT INTO wake_keys SELECT i, k.api_key, k.api_key_id FROM generate_series(1, 65536) i, keyhippo.create_api_key('wake ' || i) k"
+q -c "SELECT keyhippo.flush_key_usage()" >/dev/null
+sleep 2
+verify_wake() { q -c "SELECT count(*) FROM wake_keys w, keyhippo.verify_api_key(w.key) v WHERE w.i BETWEEN $1 AND $2" >/dev/null; }
+written_wake() { q -c "SELECT count(*) FROM wake_keys w JOIN keyhippo.api_key_metadata m ON m.id = w.id WHERE m.last_used_at > now() - interval '1 hour'"; }
+# Waits up to 10 s for $1 of the keys' uses to be written; prints how many were.
+wait_wake() {
+    local n=0
+    for _ in $(seq 1 100); do n=$(written_wake); [ "$n" = "$1" ] && break; sleep 0.1; done
+    echo "$n"
+}
+verify_wake 1 2047
+sleep 2
+check "2,047 first uses: not written yet (the worker waits)" 0 "$(written_wake)"
+verify_wake 2048 2048
+check "the 2,048th first use wakes the worker: all written" 2048 "$(wait_wake 2048)"
+q -c "SET session_replication_role = replica" \
+  -c "UPDATE keyhippo.api_key_metadata m SET last_used_at = now() - interval '1 day' FROM wake_keys w WHERE m.id = w.id" >/dev/null
+verify_wake 1 65535
+sleep 2
+check "65,535 uses of keys used before: not written yet" 0 "$(written_wake)"
+verify_wake 65536 65536
+check "the 65,536th wakes the worker: all written" 65536 "$(wait_wake 65536)"
+q -c "DROP TABLE wake_keys" -c "ALTER SYSTEM RESET keyhippo.last_used_flush_interval" -c "SELECT pg_reload_conf()" >/dev/null
+
 # 2. A clean shutdown flushes what was recorded: no periodic flush for an hour, then restart.
 q -c "ALTER SYSTEM SET keyhippo.last_used_flush_interval = 3600" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 2
