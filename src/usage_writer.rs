@@ -24,14 +24,15 @@
 //! when nothing could tell the difference from a new row version ([`in_place_allowed`], and
 //! `keyhippo.last_used_in_place`): no dead version for pruning and VACUUM, no HOT chain for the
 //! next verify. An UPDATE that read the row before an overwrite and writes its new version
-//! after it keeps the later time through the `keyhippo_keep_last_used` trigger. Where the
-//! tuple id verify read holds the version to write (or redirects to it), that is done in one go
-//! under the page lock ([`overwrite_where_found`]); the fetch above is for everything else.
+//! after it keeps the later time through the `keyhippo_keep_last_used` trigger. The version is
+//! checked and overwritten under the page lock at the tuple id verify read when it holds that
+//! version (or redirects to it), the common case; otherwise where the fetch above finds it.
 
 use pgrx::pg_sys;
 use std::cell::RefCell;
 
-/// Uses [`overwrite_where_found`] wrote, for the tests to tell its path from the general one.
+/// Uses [`write`] overwrote where verify read the row, without fetching it: for the tests to
+/// tell that path from the fetch.
 #[cfg(any(test, feature = "pg_test"))]
 pub static WRITTEN_WHERE_FOUND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -174,8 +175,8 @@ enum Overwrite {
     Written,
     /// The row already holds this time or a later one.
     NotNeeded,
-    /// The row must be written as a new version.
-    Fallback,
+    /// Not a row version it may overwrite there (see [`overwrite`]).
+    Elsewhere,
 }
 
 /// `XLOG_HEAP_INPLACE` (access/heapam_xlog.h): the record `heap_inplace_update` writes, whose
@@ -241,102 +242,6 @@ unsafe fn unlocked(tuple: pg_sys::HeapTupleHeader) -> bool {
     }
 }
 
-/// Overwrites last_used_at of the row version at `tid` with `at`, where it is: `formed` is that
-/// version with last_used_at set to `at` (same null columns, so the same length and layout).
-/// Under the page's exclusive lock: the version must have no updater or locker ([`unlocked`];
-/// else the row is written as a new version, which waits for them), and must differ from
-/// `formed` in one aligned 8-byte field only, last_used_at's (else it is not the version
-/// `formed` was made from). WAL-logged as `heap_inplace_update` does, so replay and standbys
-/// see it.
-unsafe fn overwrite(
-    rel: pg_sys::Relation,
-    tid: pg_sys::ItemPointerData,
-    formed: pg_sys::HeapTuple,
-    at: i64,
-) -> Overwrite {
-    unsafe {
-        let (block, offset) = pgrx::itemptr::item_pointer_get_both(tid);
-        let buffer = read_block(rel, block);
-        pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_EXCLUSIVE as i32);
-        let page = pg_sys::BufferGetPage(buffer);
-        let result = 'check: {
-            if offset == 0 || offset > pg_sys::PageGetMaxOffsetNumber(page) {
-                break 'check Overwrite::Fallback;
-            }
-            let item = pg_sys::PageGetItemId(page, offset);
-            if (*item).lp_flags() != pg_sys::LP_NORMAL {
-                break 'check Overwrite::Fallback;
-            }
-            let tuple = pg_sys::PageGetItem(page, item) as pg_sys::HeapTupleHeader;
-            if !unlocked(tuple) {
-                break 'check Overwrite::Fallback;
-            }
-            let len = (*item).lp_len() as usize;
-            let hoff = (*tuple).t_hoff as usize;
-            let new = (*formed).t_data;
-            if (*formed).t_len as usize != len || (*new).t_hoff as usize != hoff || len <= hoff {
-                break 'check Overwrite::Fallback;
-            }
-            let data = (tuple as *mut u8).add(hoff);
-            let old = std::slice::from_raw_parts(data, len - hoff);
-            let want = std::slice::from_raw_parts((new as *const u8).add(hoff), len - hoff);
-            let Some(first) = old.iter().zip(want).position(|(a, b)| a != b) else {
-                break 'check Overwrite::NotNeeded;
-            };
-            // The tuple's data starts MAXALIGNed; a timestamptz is aligned to 8 within it.
-            let field = first / 8 * 8;
-            if field + 8 > old.len()
-                || old[field + 8..] != want[field + 8..]
-                || want[field..field + 8] != at.to_ne_bytes()
-            {
-                break 'check Overwrite::Fallback;
-            }
-            let current = i64::from_ne_bytes(old[field..field + 8].try_into().expect("8 bytes"));
-            if current >= at {
-                break 'check Overwrite::NotNeeded;
-            }
-            store_logged(buffer, offset, data, len - hoff, field, at);
-            Overwrite::Written
-        };
-        pg_sys::UnlockReleaseBuffer(buffer);
-        result
-    }
-}
-
-/// Writes `at` into the 8 bytes at `field` of the data (`data`, `data_len` bytes) of the tuple
-/// at line pointer `offset` of `buffer`'s page, which the caller holds exclusively locked, and
-/// WAL-logs the tuple's new data as `heap_inplace_update` does, so replay and standbys see it.
-unsafe fn store_logged(
-    buffer: pg_sys::Buffer,
-    offset: pg_sys::OffsetNumber,
-    data: *mut u8,
-    data_len: usize,
-    field: usize,
-    at: i64,
-) {
-    unsafe {
-        // START_CRIT_SECTION: an error from here to the WAL record would be a PANIC.
-        pg_sys::CritSectionCount += 1;
-        // One aligned 8-byte store: a reader holding only a pin sees the old time or the new
-        // one, never a mix.
-        std::ptr::write_volatile(data.add(field) as *mut i64, at);
-        pg_sys::MarkBufferDirty(buffer);
-        pg_sys::XLogBeginInsert();
-        let mut offnum: pg_sys::OffsetNumber = offset;
-        pg_sys::XLogRegisterData(
-            std::ptr::addr_of_mut!(offnum).cast(),
-            std::mem::size_of::<pg_sys::OffsetNumber>() as i32,
-        );
-        pg_sys::XLogRegisterBuffer(0, buffer, pg_sys::REGBUF_STANDARD as u8);
-        pg_sys::XLogRegisterBufData(0, data.cast(), data_len as i32);
-        let lsn = pg_sys::XLogInsert(pg_sys::RmgrIds::RM_HEAP_ID as u8, XLOG_HEAP_INPLACE);
-        let header = pg_sys::BufferGetPage(buffer) as *mut pg_sys::PageHeaderData;
-        (*header).pd_lsn.xlogid = (lsn >> 32) as u32;
-        (*header).pd_lsn.xrecoff = lsn as u32;
-        pg_sys::CritSectionCount -= 1;
-    }
-}
-
 /// Where column `att` (from 0) of `desc` starts in the data of row version `tuple` (`data_len`
 /// bytes from `t_hoff`), None when it is NULL or not in the tuple (a column added later):
 /// the walk over the columns before it that `nocachegetattr` makes (alignment, NULLs,
@@ -397,36 +302,30 @@ unsafe fn field_offset(
     }
 }
 
-/// What [`overwrite_where_found`] did.
-enum Found {
-    /// Written, or the row already holds this time or a later one.
-    Done,
-    /// Not the case it handles: the general path (fetch, follow the HOT chain) takes the use.
-    Elsewhere,
-}
-
-/// The in-place write of use `u` in the common case: the row version at `u.tid` (pinned in
-/// `buffer`), or the one its line pointer redirects to, is the one this snapshot sees, with no newer version, updater or locker, is `u`'s
-/// key, and its last_used_at is set. Everything is checked and written under the page's
-/// exclusive lock in one go, where the general path fetches the version, deforms it, forms a
-/// copy with the new time and compares the two under a second lookup of the page (about half of
-/// the worker's time per use at a million keys, measured with `perf`).
-unsafe fn overwrite_where_found(
+/// Overwrites last_used_at of key `u`'s row with `u.at` where it is: the row version at line
+/// pointer `offset` of `buffer`'s page (pinned by the caller), or the one that line pointer
+/// redirects to once the page is pruned. Only when that version is the one `snapshot` sees, has
+/// no newer version and no updater or locker ([`unlocked`]; else the row is written as a new
+/// version, which waits for them), is `u`'s key and has last_used_at set (NULL, a first use, makes
+/// the row grow). Checked and written under the page's exclusive lock in one go, the column found
+/// by [`field_offset`]; WAL-logged as `heap_inplace_update` does, so replay and standbys see it.
+unsafe fn overwrite(
     rel: pg_sys::Relation,
     snapshot: pg_sys::Snapshot,
     buffer: pg_sys::Buffer,
+    offset: pg_sys::OffsetNumber,
     u: &Use,
     id_i: usize,
     used_i: usize,
-) -> Found {
+) -> Overwrite {
     unsafe {
         pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_EXCLUSIVE as i32);
         let page = pg_sys::BufferGetPage(buffer);
         let last = pg_sys::PageGetMaxOffsetNumber(page);
         let result = 'check: {
-            let mut offset = u.tid.offset;
+            let mut offset = offset;
             if offset == 0 || offset > last {
-                break 'check Found::Elsewhere;
+                break 'check Overwrite::Elsewhere;
             }
             let mut item = pg_sys::PageGetItemId(page, offset);
             // A row updated once in place of its first version (HOT) and pruned since: the
@@ -434,12 +333,12 @@ unsafe fn overwrite_where_found(
             if (*item).lp_flags() == pg_sys::LP_REDIRECT {
                 offset = (*item).lp_off() as pg_sys::OffsetNumber;
                 if offset == 0 || offset > last {
-                    break 'check Found::Elsewhere;
+                    break 'check Overwrite::Elsewhere;
                 }
                 item = pg_sys::PageGetItemId(page, offset);
             }
             if (*item).lp_flags() != pg_sys::LP_NORMAL {
-                break 'check Found::Elsewhere;
+                break 'check Overwrite::Elsewhere;
             }
             let tuple = pg_sys::PageGetItem(page, item) as pg_sys::HeapTupleHeader;
             let len = (*item).lp_len() as usize;
@@ -448,12 +347,12 @@ unsafe fn overwrite_where_found(
                 || !unlocked(tuple)
                 || len <= hoff
             {
-                break 'check Found::Elsewhere;
+                break 'check Overwrite::Elsewhere;
             }
             let mut version = pg_sys::HeapTupleData {
                 t_len: len as u32,
                 t_self: Tid {
-                    block: u.tid.block,
+                    block: pg_sys::BufferGetBlockNumber(buffer),
                     offset,
                 }
                 .item_pointer(),
@@ -461,7 +360,7 @@ unsafe fn overwrite_where_found(
                 t_data: tuple,
             };
             if !pg_sys::HeapTupleSatisfiesVisibility(&mut version, snapshot, buffer) {
-                break 'check Found::Elsewhere;
+                break 'check Overwrite::Elsewhere;
             }
             let desc = (*rel).rd_att;
             let data = (tuple as *mut u8).add(hoff);
@@ -469,21 +368,36 @@ unsafe fn overwrite_where_found(
             let is_key = field_offset(desc, tuple, data_len, id_i).is_some_and(|at| {
                 at + 16 <= data_len && std::slice::from_raw_parts(data.add(at), 16) == u.id
             });
-            // NULL (a first use: the row grows) is written as a new row version.
             let Some(field) = field_offset(desc, tuple, data_len, used_i) else {
-                break 'check Found::Elsewhere;
+                break 'check Overwrite::Elsewhere;
             };
             // The data starts MAXALIGNed, so a timestamptz is 8-aligned within it.
             if !is_key || field % 8 != 0 || field + 8 > data_len {
-                break 'check Found::Elsewhere;
+                break 'check Overwrite::Elsewhere;
             }
-            let current = std::ptr::read(data.add(field) as *const i64);
-            if current < u.at {
-                store_logged(buffer, offset, data, data_len, field, u.at);
-                #[cfg(any(test, feature = "pg_test"))]
-                WRITTEN_WHERE_FOUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if std::ptr::read(data.add(field) as *const i64) >= u.at {
+                break 'check Overwrite::NotNeeded;
             }
-            Found::Done
+            // START_CRIT_SECTION: an error from here to the WAL record would be a PANIC.
+            pg_sys::CritSectionCount += 1;
+            // One aligned 8-byte store: a reader holding only a pin sees the old time or the
+            // new one, never a mix.
+            std::ptr::write_volatile(data.add(field) as *mut i64, u.at);
+            pg_sys::MarkBufferDirty(buffer);
+            pg_sys::XLogBeginInsert();
+            let mut offnum: pg_sys::OffsetNumber = offset;
+            pg_sys::XLogRegisterData(
+                std::ptr::addr_of_mut!(offnum).cast(),
+                std::mem::size_of::<pg_sys::OffsetNumber>() as i32,
+            );
+            pg_sys::XLogRegisterBuffer(0, buffer, pg_sys::REGBUF_STANDARD as u8);
+            pg_sys::XLogRegisterBufData(0, data.cast(), data_len as i32);
+            let lsn = pg_sys::XLogInsert(pg_sys::RmgrIds::RM_HEAP_ID as u8, XLOG_HEAP_INPLACE);
+            let header = page as *mut pg_sys::PageHeaderData;
+            (*header).pd_lsn.xlogid = (lsn >> 32) as u32;
+            (*header).pd_lsn.xrecoff = lsn as u32;
+            pg_sys::CritSectionCount -= 1;
+            Overwrite::Written
         };
         pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_UNLOCK as i32);
         result
@@ -583,7 +497,7 @@ pub unsafe fn write(
             }
             Some((values, nulls))
         };
-        // The found row with last_used_at set to `at`, in the slot `new` (both passes write it).
+        // The found row with last_used_at set to `at`, in the slot `new`.
         let with_use = |values: &[pg_sys::Datum], nulls: &[bool], at: i64| {
             pg_sys::ExecClearTuple(new);
             std::ptr::copy_nonoverlapping(values.as_ptr(), (*new).tts_values, natts);
@@ -601,36 +515,44 @@ pub unsafe fn write(
         // order, uses of one page come together).
         let mut pinned: Option<(u32, pg_sys::Buffer)> = None;
         for u in uses.iter().filter(|_| in_place) {
-            if u.tid.is_valid() && u.tid.block < blocks {
-                let buffer = match pinned {
-                    Some((block, buffer)) if block == u.tid.block => buffer,
-                    _ => {
-                        if let Some((_, buffer)) = pinned.take() {
-                            pg_sys::ReleaseBuffer(buffer);
-                        }
-                        let buffer = read_block(rel, u.tid.block);
-                        pinned = Some((u.tid.block, buffer));
-                        buffer
-                    }
-                };
-                if let Found::Done = overwrite_where_found(rel, snapshot, buffer, u, id_i, used_i) {
-                    continue;
-                }
-            }
-            let Some((values, nulls)) = fetch_row(u) else {
+            if !u.tid.is_valid() || u.tid.block >= blocks {
                 rest.push(*u);
                 continue;
+            }
+            let buffer = match pinned {
+                Some((block, buffer)) if block == u.tid.block => buffer,
+                _ => {
+                    if let Some((_, buffer)) = pinned.take() {
+                        pg_sys::ReleaseBuffer(buffer);
+                    }
+                    let buffer = read_block(rel, u.tid.block);
+                    pinned = Some((u.tid.block, buffer));
+                    buffer
+                }
             };
-            if nulls[used_i] {
+            // Where verify read the row: the common case, without fetching it.
+            match overwrite(rel, snapshot, buffer, u.tid.offset, u, id_i, used_i) {
+                Overwrite::Written => {
+                    #[cfg(any(test, feature = "pg_test"))]
+                    WRITTEN_WHERE_FOUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                Overwrite::NotNeeded => continue,
+                Overwrite::Elsewhere => {}
+            }
+            // Else the version this snapshot sees, at the end of the row's HOT chain (on the
+            // same page), unless the row has moved or the tuple id holds another key's row.
+            if fetch_row(u).is_none() {
+                rest.push(*u);
+                continue;
+            }
+            let (block, offset) = pgrx::itemptr::item_pointer_get_both((*found).tts_tid);
+            if block != u.tid.block {
                 later.push(*u);
                 continue;
             }
-            if values[used_i].value() as i64 >= u.at {
-                continue;
-            }
-            with_use(values, nulls, u.at);
-            let formed = pg_sys::heap_form_tuple(desc, (*new).tts_values, (*new).tts_isnull);
-            if let Overwrite::Fallback = overwrite(rel, (*found).tts_tid, formed, u.at) {
+            if let Overwrite::Elsewhere = overwrite(rel, snapshot, buffer, offset, u, id_i, used_i)
+            {
                 later.push(*u);
             }
         }
