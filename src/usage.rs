@@ -290,6 +290,7 @@ pub fn record(id: pgrx::Uuid, tid: Tid, now: i64, first: bool) -> bool {
     if fresh {
         return true;
     }
+    let row_update = first || !IN_PLACE.get();
     let wake = {
         let mut pending = PENDING.exclusive();
         let len = pending.len;
@@ -302,7 +303,6 @@ pub fn record(id: pgrx::Uuid, tid: Tid, now: i64, first: bool) -> bool {
         slots.offsets[len] = tid.offset;
         slots.at[len] = now;
         pending.len = len + 1;
-        let row_update = first || !IN_PLACE.get();
         if row_update {
             pending.row_updates += 1;
         }
