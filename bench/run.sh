@@ -163,13 +163,15 @@ echo "| \`SELECT 1\` | $select1 tps, $(m select1.lat) ms | $(paste -sd' ' "$OUT/
 echo "| **verify / floor** | **$ratio** (target >= 0.6) | |"
 # Each round's verify run follows its floor run: their ratio round by round cancels most of
 # the machine's drift between rounds, which the ratio of the two medians above does not.
-paired=$(paste "$OUT/floor.tps" "$OUT/verify.tps" | while read -r f v; do div "$v" "$f"; echo; done)
+# The ratio $2 / $1 of each round, a line each.
+by_round() { paste "$OUT/$1.tps" "$OUT/$2.tps" | while read -r a b; do div "$b" "$a"; echo; done; }
+paired=$(by_round floor verify)
 echo "| verify / floor round by round (each verify run right after its floor run) | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
 if [ -f "$OUT/verify10k.tps" ]; then
     v10k=$(m verify10k.tps)
     echo "| verify, keys drawn from the first 10,000 | $v10k tps | $(paste -sd' ' "$OUT/verify10k.tps") |"
     echo "| **verify at $N keys / at 10,000** | **$(div "$verify" "$v10k")** (target >= 0.9) | |"
-    paired=$(paste "$OUT/verify.tps" "$OUT/verify10k.tps" | while read -r v v10; do div "$v" "$v10"; echo; done)
+    paired=$(by_round verify10k verify)
     echo "| verify at $N keys / at 10,000 round by round (each 10,000-key run right after its $N-key run) | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
     f10k=$(m floor10k.tps)
     echo "| floor, keys drawn from the first 10,000 | $f10k tps | $(paste -sd' ' "$OUT/floor10k.tps") |"
