@@ -35,6 +35,7 @@ keyhippo.database = 'bench'"
 fi
 EXTRA_CONF="$conf" bin/cluster start bench "$PORT"
 trap 'bin/cluster stop bench' EXIT
+PORT=$(bin/cluster port bench)
 export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres PGDATABASE=bench
 q() { "$PGBIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
 q -d postgres -c 'CREATE DATABASE bench'

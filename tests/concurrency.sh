@@ -14,6 +14,7 @@ shared_preload_libraries = 'keyhippo,pg_cron'
 keyhippo.database = 'kh'
 cron.database_name = 'kh'" bin/cluster start concurrency "$PORT" || exit 1
 trap 'bin/cluster stop concurrency' EXIT
+PORT=$(bin/cluster port concurrency)
 rm -rf "$WORK"; mkdir -p "$WORK"
 
 export PGPORT=$PORT

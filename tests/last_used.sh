@@ -8,7 +8,6 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PGBIN=/usr/lib/postgresql/15/bin
 PORT=${LAST_USED_PORT:-55441}
-STANDBY_PORT=$((PORT + 1))
 STANDBY="$ROOT/target/clusters/last_used/standby"  # inside the primary's directory: owned by postgres
 EXTRA_CONF="shared_preload_libraries = 'keyhippo'
 keyhippo.database = 'kh'
@@ -21,6 +20,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
+PORT=$(bin/cluster port last_used)  # the next free one when something else listens on 55441
 export PGPORT=$PORT
 . tests/lib.sh
 setup_kh
@@ -243,12 +243,20 @@ check "written at shutdown, there after restart" yes "$([ "$(last_used "$id2")" 
 runuser -u postgres -- "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PORT" -U postgres -D "$STANDBY" -R -X stream \
     >"$ROOT/target/clusters/last_used/basebackup.log" 2>&1 || { echo "pg_basebackup failed:"; cat "$ROOT/target/clusters/last_used/basebackup.log"; }
 cat >>"$STANDBY/postgresql.conf" <<CONF
-port = $STANDBY_PORT
 unix_socket_directories = '$STANDBY'
 hot_standby = on
 CONF
-runuser -u postgres -- "$PGBIN/pg_ctl" -D "$STANDBY" -l "$STANDBY/server.log" -w -t 60 start >/dev/null ||
-    { echo "standby did not start; its log:"; tail -30 "$STANDBY/server.log"; }
+# A free port after the primary's; one taken between the check and the bind means another try.
+STANDBY_PORT=$((PORT + 1))
+for attempt in 1 2 3 4 5; do
+    STANDBY_PORT=$(bin/cluster free-port "$STANDBY_PORT") || break
+    echo "port = $STANDBY_PORT" >>"$STANDBY/postgresql.conf"  # the last setting wins
+    rm -f "$STANDBY/server.log"
+    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$STANDBY" -l "$STANDBY/server.log" -w -t 60 start >/dev/null && break
+    grep -q "Address already in use" "$STANDBY/server.log" || break
+    STANDBY_PORT=$((STANDBY_PORT + 1))
+done
+[ -f "$STANDBY/postmaster.pid" ] || { echo "standby did not start; its log:"; tail -30 "$STANDBY/server.log"; }
 read -r key3 id3 <<<"$(new_key standby)"
 sleep 2  # replay
 check "standby is in recovery" t "$(q -p "$STANDBY_PORT" -c "SELECT pg_is_in_recovery()")"
