@@ -1,4 +1,4 @@
--- keyhippo audit trail, key-expiry notifications and the opt-in webhook (SPEC 4).
+-- keyhippo audit trail, key-expiry notifications and the opt-in webhook.
 --
 -- Nothing here sends anything outside the database unless the operator installs pg_net, sets
 -- keyhippo_internal.config 'audit_log_endpoint', and calls keyhippo_internal.enable_audit_log_notify().
@@ -71,7 +71,7 @@ CREATE INDEX audit_log_expiring_key_idx ON keyhippo.audit_log ((data -> 'expirin
     WHERE action = 'expiring_key';
 
 -- Reports one key as expiring: an 'expiring_key' audit row and a NOTIFY on channel
--- keyhippo_key_expiring (delivered at commit). A write that moves a key into the window is a new
+-- keyhippo_key_expiring (delivered at commit) carrying {event, id, expires_at}. A write that moves a key into the window is a new
 -- entry and always reports (p_entered); the periodic job reports a key only if it has not been
 -- reported since it entered the window (no report at or after expires_at - window). Returns
 -- whether it reported.
@@ -100,8 +100,11 @@ BEGIN
             keyhippo_internal.current_user_id(),
             COALESCE(keyhippo_internal.calling_function(),
                      NULLIF(pg_catalog.current_setting('keyhippo_audit.function_name', true), '')));
+    -- Anyone may LISTEN: the payload names the key and its expiry only (bounded, and nothing
+    -- of the owner's); a listener reads the rest with its own rights.
     PERFORM pg_catalog.pg_notify('keyhippo_key_expiring',
-        (v_key || pg_catalog.jsonb_build_object('event', 'expiring_key'))::text);
+        pg_catalog.jsonb_build_object('event', 'expiring_key', 'id', p_id,
+                                      'expires_at', p_expires_at)::text);
     RETURN true;
 END
 $$;
@@ -164,9 +167,15 @@ BEGIN
                 AND m.expires_at <= pg_catalog.now() + v_window
               ORDER BY m.expires_at
     LOOP
-        IF keyhippo_internal.report_expiring_key(k.id, k.user_id, k.description, k.expires_at, false) THEN
-            v_reported := v_reported + 1;
-        END IF;
+        -- One key that cannot be reported never stops the others.
+        BEGIN
+            IF keyhippo_internal.report_expiring_key(k.id, k.user_id, k.description, k.expires_at, false) THEN
+                v_reported := v_reported + 1;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'keyhippo: could not report API key % as expiring: %', k.id, SQLERRM
+                USING ERRCODE = SQLSTATE;
+        END;
     END LOOP;
     RETURN v_reported;
 END

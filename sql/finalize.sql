@@ -4,23 +4,25 @@
 -- Every SECURITY DEFINER function pins search_path to pg_catalog, pg_temp and names every
 -- object with its schema.
 
--- Who may manage every key and every RBAC object: service_role, a superuser, a JWT whose
--- user_role claim is 'admin' (Supabase's custom access token hook), or a user holding an RBAC
--- role of type 'admin'. (Holding manage_api_keys is not enough: every default user holds it.)
-CREATE FUNCTION keyhippo_internal.caller_is_admin() RETURNS boolean
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+-- Who may manage every key and every RBAC object: keyhippo_internal.caller_is_admin() (in
+-- Rust, src/context.rs): service_role, a superuser, or a user holding an RBAC role of type
+-- 'admin' through their JWT, an impersonation or an unscoped key of theirs, or a JWT whose own
+-- sub is the identity and whose user_role claim is 'admin' (Supabase's custom access token
+-- hook). Holding manage_api_keys is not enough (every default user holds it), a scoped key never
+-- is an admin's, and a user_role claim never lends its rights to a key sent beside it.
+
+-- Whether the role the request runs as may remove the last admin assignment: the database owner
+-- (or a superuser) and service_role.
+CREATE FUNCTION keyhippo_internal.caller_owns_database() RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_role name := keyhippo_internal.caller_role_name();
 BEGIN
-    RETURN keyhippo_internal.caller_role_name() = 'service_role'
-        OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
-                    WHERE r.rolname = keyhippo_internal.caller_role_name() AND r.rolsuper)
-        OR keyhippo_internal.jwt_user_role() IS NOT DISTINCT FROM 'admin'
-        OR EXISTS (SELECT 1
-                     FROM keyhippo_rbac.user_group_roles ugr
-                     JOIN keyhippo_rbac.roles r ON r.id = ugr.role_id
-                    WHERE ugr.user_id = keyhippo_internal.current_user_id()
-                      AND r.role_type = 'admin');
+    RETURN v_role = 'service_role'
+        OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = v_role AND r.rolsuper)
+        OR pg_catalog.pg_has_role(v_role, 'pg_database_owner', 'MEMBER');
 END
 $$;
 
@@ -114,7 +116,8 @@ BEGIN
     ON CONFLICT (name) DO NOTHING
     RETURNING id INTO v_id;
     IF v_id IS NULL THEN
-        RAISE EXCEPTION 'keyhippo: a group named "%" already exists', p_name USING ERRCODE = '23505';
+        RAISE EXCEPTION 'keyhippo: a group named "%" already exists', pg_catalog.left(p_name, 64)
+            USING ERRCODE = '23505';
     END IF;
     RETURN v_id;
 END
@@ -146,7 +149,8 @@ BEGIN
     ON CONFLICT (name, group_id) DO NOTHING
     RETURNING id INTO v_id;
     IF v_id IS NULL THEN
-        RAISE EXCEPTION 'keyhippo: group % already has a role named "%"', p_group_id, p_name
+        RAISE EXCEPTION 'keyhippo: group % already has a role named "%"', p_group_id,
+            pg_catalog.left(p_name, 64)
             USING ERRCODE = '23505';
     END IF;
     RETURN v_id;
@@ -243,7 +247,8 @@ SELECT m.id, m.id AS jti, m.user_id, m.description, m.created_at, m.expires_at, 
   FROM keyhippo.api_key_metadata m
  WHERE m.prefix LIKE 'jwt\_%';
 
--- INSERT mints a token (description, and expires_at or one year); user_id may be omitted.
+-- INSERT mints a token (description, and expires_at or one year); user_id may be omitted. A row
+-- inserted with revoked_at set is revoked at once, and its RETURNING has no token.
 CREATE FUNCTION keyhippo_internal.jwt_api_keys_insert() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -259,6 +264,11 @@ BEGIN
     SELECT k.api_key, k.api_key_id INTO v_token, v_id
       FROM keyhippo.create_jwt_api_key(COALESCE(NEW.description, ''),
                                        COALESCE(NEW.expires_at - pg_catalog.now(), interval '1 year')) k;
+    -- A row inserted already revoked is minted and revoked at once: never a live key.
+    IF NEW.revoked_at IS NOT NULL THEN
+        PERFORM keyhippo.revoke_api_key(v_id);
+        v_token := NULL;
+    END IF;
     SELECT m.id, m.id, m.user_id, m.description, m.created_at, m.expires_at, m.revoked_at, v_token
       INTO NEW.id, NEW.jti, NEW.user_id, NEW.description, NEW.created_at, NEW.expires_at,
            NEW.revoked_at, NEW.token
@@ -310,6 +320,32 @@ CREATE TRIGGER jwt_api_keys_update INSTEAD OF UPDATE ON keyhippo.jwt_api_keys
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.jwt_api_keys_update();
 CREATE TRIGGER jwt_api_keys_delete INSTEAD OF DELETE ON keyhippo.jwt_api_keys
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.jwt_api_keys_delete();
+
+-- Claims ------------------------------------------------------------------------------------------
+
+-- Replaces a key's claims (a JSON object) for its owner or an admin. The document is checked
+-- here (22023: not an object, over 64 kB, nested more than 32 levels) before the Rust function
+-- (keyhippo_internal.update_key_claims) reads it.
+CREATE FUNCTION keyhippo.update_key_claims(key_id uuid, new_claims jsonb) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF new_claims IS NOT NULL THEN
+        IF pg_catalog.jsonb_typeof(new_claims) <> 'object' THEN
+            RAISE EXCEPTION 'keyhippo: new_claims must be a JSON object' USING ERRCODE = '22023';
+        END IF;
+        IF pg_catalog.octet_length(new_claims::text) > 65536 THEN
+            RAISE EXCEPTION 'keyhippo: new_claims is larger than 65536 bytes' USING ERRCODE = '22023';
+        END IF;
+        IF pg_catalog.jsonb_path_exists(new_claims, 'strict $.**{32 to last}') THEN
+            RAISE EXCEPTION 'keyhippo: new_claims is nested more than 32 levels deep'
+                USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    PERFORM keyhippo_internal.update_key_claims(key_id, new_claims);
+END
+$$;
 
 -- Impersonation (database owner only) ------------------------------------------------------------
 
@@ -369,6 +405,9 @@ $$;
 CREATE TRIGGER keyhippo_sync_revocation
     BEFORE UPDATE OF is_revoked, revoked_at ON keyhippo.api_key_metadata
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.sync_revocation();
+-- Also for writes made with session_replication_role = replica (a logical replication
+-- subscriber, a superuser's session): a revocation is a revocation however it arrives.
+ALTER TABLE keyhippo.api_key_metadata ENABLE ALWAYS TRIGGER keyhippo_sync_revocation;
 
 -- last_used_at never moves back. The background worker overwrites a key row's last_used_at
 -- where it is (README, "How the worker writes"); an UPDATE that read the row just before such an
@@ -389,7 +428,8 @@ CREATE TRIGGER keyhippo_keep_last_used
     FOR EACH ROW WHEN (OLD.last_used_at > NEW.last_used_at)
     EXECUTE FUNCTION keyhippo_internal.keep_last_used();
 
--- A revoked key's hash is deleted, so nothing can verify against it again.
+-- A revoked key's hash is deleted, so nothing can verify against it again: whichever of
+-- is_revoked and revoked_at an UPDATE sets (or both), in every replication role.
 CREATE FUNCTION keyhippo_internal.delete_revoked_secret() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -401,9 +441,12 @@ END
 $$;
 
 CREATE TRIGGER keyhippo_delete_revoked_secret
-    AFTER UPDATE OF is_revoked ON keyhippo.api_key_metadata
-    FOR EACH ROW WHEN (NEW.is_revoked AND NOT OLD.is_revoked)
+    AFTER UPDATE ON keyhippo.api_key_metadata
+    FOR EACH ROW
+    WHEN ((NEW.is_revoked OR NEW.revoked_at IS NOT NULL)
+          AND NOT (OLD.is_revoked AND OLD.revoked_at IS NOT NULL))
     EXECUTE FUNCTION keyhippo_internal.delete_revoked_secret();
+ALTER TABLE keyhippo.api_key_metadata ENABLE ALWAYS TRIGGER keyhippo_delete_revoked_secret;
 
 -- Verified-key caches ---------------------------------------------------------------------------
 
@@ -427,6 +470,105 @@ CREATE TRIGGER keyhippo_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON ke
     FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
 CREATE TRIGGER keyhippo_cache AFTER UPDATE OR DELETE OR TRUNCATE ON keyhippo_rbac.permissions
     FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
+-- In every replication role: a change applied by a logical replication subscriber, or written
+-- with session_replication_role = replica, makes the caches stale like any other.
+ALTER TABLE keyhippo.api_key_metadata ENABLE ALWAYS TRIGGER keyhippo_cache_update;
+ALTER TABLE keyhippo.api_key_metadata ENABLE ALWAYS TRIGGER keyhippo_cache_delete;
+ALTER TABLE keyhippo.api_key_secrets ENABLE ALWAYS TRIGGER keyhippo_cache;
+ALTER TABLE keyhippo.scope_permissions ENABLE ALWAYS TRIGGER keyhippo_cache;
+ALTER TABLE keyhippo_rbac.user_group_roles ENABLE ALWAYS TRIGGER keyhippo_cache;
+ALTER TABLE keyhippo_rbac.role_permissions ENABLE ALWAYS TRIGGER keyhippo_cache;
+ALTER TABLE keyhippo_rbac.permissions ENABLE ALWAYS TRIGGER keyhippo_cache;
+
+-- Admin-type RBAC objects -------------------------------------------------------------------------
+
+-- Groups holding a role of type admin, roles of type admin, their permissions and their
+-- assignments are changed or deleted by admins only (42501), whatever the path: a direct write,
+-- a keyhippo_rbac function, or a cascade from deleting a group or a role. The last admin
+-- assignment is removed by nobody but the database owner or service_role (55000). Deleting a
+-- user (from auth.users, which cascades to their assignments) always works, admins included.
+CREATE FUNCTION keyhippo_internal.guard_admin_objects() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_admin boolean;
+    v_role_ids uuid[];
+    v_old_role uuid;
+    v_old_user uuid;
+    v_old_group uuid;
+    v_moved boolean := true;
+BEGIN
+    -- Which admin-type role rows this write touches (before and after), per table.
+    IF TG_TABLE_NAME = 'groups' THEN
+        SELECT pg_catalog.array_agg(r.id) INTO v_role_ids
+          FROM keyhippo_rbac.roles r
+         WHERE r.group_id = OLD.id AND r.role_type = 'admin';
+        v_admin := v_role_ids IS NOT NULL;
+    ELSIF TG_TABLE_NAME = 'roles' THEN
+        v_admin := (TG_OP <> 'INSERT' AND OLD.role_type = 'admin')
+                OR (TG_OP <> 'DELETE' AND NEW.role_type = 'admin');
+        IF TG_OP <> 'INSERT' AND OLD.role_type = 'admin'
+           AND (TG_OP = 'DELETE' OR NEW.role_type <> 'admin') THEN
+            v_role_ids := ARRAY[OLD.id];
+        END IF;
+    ELSE
+        v_admin := (TG_OP <> 'INSERT' AND EXISTS (SELECT 1 FROM keyhippo_rbac.roles r
+                                                   WHERE r.id = OLD.role_id AND r.role_type = 'admin'))
+                OR (TG_OP <> 'DELETE' AND EXISTS (SELECT 1 FROM keyhippo_rbac.roles r
+                                                   WHERE r.id = NEW.role_id AND r.role_type = 'admin'));
+        IF TG_TABLE_NAME = 'user_group_roles' AND TG_OP <> 'INSERT' THEN
+            v_old_role := OLD.role_id;
+            v_old_user := OLD.user_id;
+            v_old_group := OLD.group_id;
+            IF TG_OP = 'UPDATE' THEN
+                v_moved := NEW.role_id IS DISTINCT FROM OLD.role_id
+                        OR NEW.user_id IS DISTINCT FROM OLD.user_id;
+            END IF;
+        END IF;
+    END IF;
+    IF NOT v_admin THEN
+        RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    END IF;
+    -- A user deleted from auth.users takes their assignments along: always allowed.
+    IF v_old_user IS NOT NULL AND TG_OP = 'DELETE'
+       AND NOT COALESCE(keyhippo_internal.user_exists(v_old_user), false) THEN
+        RETURN OLD;
+    END IF;
+    IF NOT keyhippo_internal.caller_is_admin() THEN
+        RAISE EXCEPTION 'keyhippo: only an administrator may change or delete admin-type groups, roles, their permissions or assignments'
+            USING ERRCODE = '42501';
+    END IF;
+    -- Would this write leave no admin assignment at all?
+    IF v_moved
+       AND EXISTS (SELECT 1 FROM keyhippo_rbac.user_group_roles ugr
+                    WHERE ugr.role_id = ANY (COALESCE(v_role_ids, '{}'))
+                       OR (ugr.role_id = v_old_role AND ugr.user_id = v_old_user
+                           AND ugr.group_id = v_old_group))
+       AND NOT EXISTS (SELECT 1
+                         FROM keyhippo_rbac.user_group_roles ugr
+                         JOIN keyhippo_rbac.roles r ON r.id = ugr.role_id
+                        WHERE r.role_type = 'admin'
+                          AND ugr.role_id <> ALL (COALESCE(v_role_ids, '{}'))
+                          AND (ugr.role_id, ugr.user_id, ugr.group_id)
+                              IS DISTINCT FROM (v_old_role, v_old_user, v_old_group))
+       AND NOT keyhippo_internal.caller_owns_database() THEN
+        RAISE EXCEPTION 'keyhippo: this would remove the last admin assignment'
+            USING ERRCODE = '55000',
+                  HINT = 'Assign a role of type admin to another user first; only the database owner or service_role may remove the last one.';
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$;
+
+CREATE TRIGGER keyhippo_guard_admin BEFORE UPDATE OR DELETE ON keyhippo_rbac.groups
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.guard_admin_objects();
+CREATE TRIGGER keyhippo_guard_admin BEFORE INSERT OR UPDATE OR DELETE ON keyhippo_rbac.roles
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.guard_admin_objects();
+CREATE TRIGGER keyhippo_guard_admin BEFORE INSERT OR UPDATE OR DELETE ON keyhippo_rbac.role_permissions
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.guard_admin_objects();
+CREATE TRIGGER keyhippo_guard_admin BEFORE INSERT OR UPDATE OR DELETE ON keyhippo_rbac.user_group_roles
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.guard_admin_objects();
 
 -- Defaults --------------------------------------------------------------------------------------
 

@@ -12,6 +12,24 @@ thread_local! {
     static SELF_AUDITED: Cell<Option<[u8; 16]>> = const { Cell::new(None) };
 }
 
+/// `keyhippo_audit.function_name`: which keyhippo function written in SQL is running, set by the
+/// `SET` clause of each (SECURITY DEFINER, owned by the superuser who created the extension).
+/// Superuser-only, so that no caller can make an audit row name a function that did not run.
+static FUNCTION_NAME: pgrx::GucSetting<Option<std::ffi::CString>> =
+    pgrx::GucSetting::<Option<std::ffi::CString>>::new(None);
+
+/// Defines the setting above (from `_PG_init`).
+pub fn init() {
+    pgrx::GucRegistry::define_string_guc(
+        c"keyhippo_audit.function_name",
+        c"The keyhippo function making the current change, for its audit rows.",
+        c"Set by keyhippo's own functions; only superusers may set it.",
+        &FUNCTION_NAME,
+        pgrx::GucContext::Suset,
+        pgrx::GucFlags::NO_SHOW_ALL,
+    );
+}
+
 /// The keyhippo function running now, if any.
 pub fn current_function() -> Option<&'static str> {
     CURRENT.with(|c| c.get())

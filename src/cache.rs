@@ -1,4 +1,5 @@
-//! A per-backend cache of verified keys, safe against revocation in any other backend.
+//! Per-backend caches of verified keys and of permissions, safe against revocation and
+//! permission changes in any other backend.
 //!
 //! Only when keyhippo is preloaded (it needs shared memory). Two shared counters:
 //! - `EPOCH`, bumped whenever a transaction starts changing anything verify depends on (key
@@ -6,12 +7,19 @@
 //! - `IN_FLIGHT`, the number of such transactions not yet finished.
 //!
 //! A cached entry is used only while `EPOCH` still has the value it had when the entry was
-//! filled, and an entry is filled only from a lookup during which `IN_FLIGHT` was zero and
-//! `EPOCH` did not move. So an entry can only come from a state no running transaction is
-//! changing, and any change, from its first statement until after its commit is visible,
-//! makes every entry stale. A revoked key is refused by the very next verify after commit, in
-//! every backend. (A transaction prepared for two-phase commit leaves `IN_FLIGHT` raised, which
-//! switches caching off until restart: safe, only slower.)
+//! filled. An entry is filled only from a lookup that read `IN_FLIGHT` as zero and `EPOCH`
+//! *before* taking the snapshot it reads with (a snapshot of its own, taken after those reads:
+//! the statement's snapshot may be older than the reads, and caching what it shows under the
+//! newer epoch would keep a revoked key alive), and during which `EPOCH` did not move. So an
+//! entry only holds a state no transaction had changed or was changing, and any change, from
+//! its first statement until after its commit is visible, makes every entry stale. A revoked
+//! key or a removed role is refused by the very next statement after commit, in every backend.
+//!
+//! Nothing is filled inside REPEATABLE READ or SERIALIZABLE transactions (their snapshot is
+//! fixed; they read without the cache's help) nor on a hot standby, where the triggers that bump
+//! `EPOCH` do not run during WAL replay: a standby never caches. (A transaction prepared for
+//! two-phase commit leaves `IN_FLIGHT` raised, which switches caching off until restart: safe,
+//! only slower.)
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, register_xact_callback, PgAtomic, PgXactCallbackEvent};
@@ -79,10 +87,11 @@ impl Permissions {
     }
 }
 
-/// Whose permissions: a scope's (scoped keys) or a user's RBAC permissions.
+/// Whose permissions: a scoped key's (its scope's that its owner holds) or a user's RBAC
+/// permissions.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PermissionsOf {
-    Scope([u8; 16]),
+    ScopedKey { scope: [u8; 16], user: [u8; 16] },
     User([u8; 16]),
 }
 
@@ -110,13 +119,15 @@ pub fn init_shmem() {
 /// BENCHMARKS.md.
 pub static ENABLED: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(false);
 
-/// Whether this backend can cache at all (the shared counters exist and serve its database).
+/// Whether this backend can cache at all: the shared counters exist and serve its database, and
+/// it is not a hot standby (WAL replay fires no trigger, so nothing would tell it of a change).
 fn enabled() -> bool {
-    crate::usage::worker_serves_this_database()
+    // SAFETY: reads shared recovery state.
+    crate::usage::worker_serves_this_database() && !unsafe { pg_sys::RecoveryInProgress() }
 }
 
 /// Whether verified keys themselves are cached (permissions are whenever [`enabled`]).
-fn keys_enabled() -> bool {
+pub fn keys_enabled() -> bool {
     ENABLED.get() && enabled()
 }
 
@@ -154,12 +165,36 @@ pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedK
     })
 }
 
-/// A snapshot of the shared counters to take before a lookup, for [`store`].
+/// A snapshot of the shared counters to take before a lookup whose result may be cached, for
+/// [`store`]; None when it may not be (caching off, a change in flight, a transaction-wide
+/// snapshot). A lookup whose result is to be cached must read with [`with_fresh_snapshot`].
 pub fn begin_lookup() -> Option<u64> {
-    if !enabled() || IN_FLIGHT.get().load(Ordering::SeqCst) != 0 {
+    // SAFETY: reads backend-local transaction state.
+    if !enabled() || unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return None;
+    }
+    if IN_FLIGHT.get().load(Ordering::SeqCst) != 0 {
         return None;
     }
     Some(EPOCH.get().load(Ordering::SeqCst))
+}
+
+/// Runs `f` under a snapshot taken now, after [`begin_lookup`] read the counters, when `before`
+/// says the result may be cached; under the caller's snapshot otherwise. (A READ COMMITTED
+/// statement's snapshot predates the call, and a change may have committed in between.)
+pub fn with_fresh_snapshot<R>(
+    before: Option<u64>,
+    f: impl FnOnce() -> crate::error::Result<R>,
+) -> crate::error::Result<R> {
+    if before.is_none() {
+        return f();
+    }
+    // SAFETY: a registered copy of the latest snapshot, pushed and popped around `f`; an ERROR
+    // inside leaves it to the transaction's abort, which unwinds the snapshot stack.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    let result = f();
+    unsafe { pg_sys::PopActiveSnapshot() };
+    result
 }
 
 /// The epoch of a lookup that began at `before`, if nothing changed while it ran: only then

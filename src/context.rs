@@ -123,8 +123,12 @@ pub fn header_api_key() -> Option<String> {
 /// The resolved identity of a request.
 pub struct Caller {
     pub user_id: pgrx::Uuid,
-    /// Set when the identity came from a key: the key's row and scope.
+    /// Set when the identity came from a key (in the `x-api-key` header, or a JWT API key as the
+    /// request's JWT): the key's row and scope.
     pub key: Option<keys::VerifiedKey>,
+    /// Whether the identity is the `sub` of the request's own JWT (not a key, not an
+    /// impersonation): only then does the JWT's `user_role` claim count.
+    pub from_jwt: bool,
 }
 
 /// The user the request acts for, in KeyHippo's order: header key, JWT, impersonation.
@@ -134,19 +138,33 @@ pub fn current_caller() -> Result<Option<Caller>> {
             return Ok(Some(Caller {
                 user_id: verified.user_id,
                 key: Some(verified),
+                from_jwt: false,
             }));
         }
     }
     // A JWT that is an API key counts only while its jti is live (revocation takes effect even
-    // where the pre-request hook is not installed).
+    // where the pre-request hook is not installed), and acts as that key: with its scope.
     if let Some(user_id) = jwt_subject() {
-        if crate::jwt_keys::claims_key_active()? {
-            return Ok(Some(Caller { user_id, key: None }));
-        }
-        return Ok(None);
+        return Ok(match crate::jwt_keys::claims_key()? {
+            crate::jwt_keys::ClaimsKey::NotAKey => Some(Caller {
+                user_id,
+                key: None,
+                from_jwt: true,
+            }),
+            crate::jwt_keys::ClaimsKey::Live(key) => Some(Caller {
+                user_id,
+                key: Some(key),
+                from_jwt: false,
+            }),
+            crate::jwt_keys::ClaimsKey::Dead => None,
+        });
     }
     if let Some(user_id) = impersonation::impersonated_user()? {
-        return Ok(Some(Caller { user_id, key: None }));
+        return Ok(Some(Caller {
+            user_id,
+            key: None,
+            from_jwt: false,
+        }));
     }
     Ok(None)
 }
@@ -170,19 +188,26 @@ macro_rules! rbac_permissions_of {
     };
 }
 
-macro_rules! scope_permissions_of {
-    ($scope:literal) => {
+/// A scope's permissions that its key's owner also holds: a scope narrows, never widens.
+macro_rules! scoped_permissions_of {
+    ($scope:literal, $user:literal) => {
         concat!(
             "ARRAY(SELECT p.name::text \
                      FROM keyhippo.scope_permissions sp \
                      JOIN keyhippo_rbac.permissions p ON p.id = sp.permission_id \
                     WHERE sp.scope_id = ",
             $scope,
-            " ORDER BY 1)"
+            " AND EXISTS (SELECT 1 \
+                            FROM keyhippo_rbac.user_group_roles ugr \
+                            JOIN keyhippo_rbac.role_permissions rp ON rp.role_id = ugr.role_id \
+                           WHERE ugr.user_id = ",
+            $user,
+            " AND rp.permission_id = p.id) \
+                    ORDER BY 1)"
         )
     };
 }
-pub(crate) use scope_permissions_of;
+pub(crate) use scoped_permissions_of;
 
 pub(crate) const USER_PERMISSIONS: Plan = Plan {
     sql: concat!("SELECT ", rbac_permissions_of!("$1")),
@@ -209,14 +234,23 @@ const KEY_DATA: Plan = Plan {
     mutating: false,
 };
 
-/// The permissions of the current request: a key's (its scope's, or its owner's RBAC
-/// permissions), or the user's RBAC permissions.
+/// Whether a user holds an RBAC role of type admin.
+const USER_IS_ADMIN: Plan = Plan {
+    sql: "SELECT EXISTS (SELECT 1 \
+                           FROM keyhippo_rbac.user_group_roles ugr \
+                           JOIN keyhippo_rbac.roles r ON r.id = ugr.role_id \
+                          WHERE ugr.user_id = $1 AND r.role_type = 'admin')",
+    args: &[types::UUID],
+    mutating: false,
+};
+
+/// The permissions of the current request: a key's (its scope's intersected with its owner's
+/// RBAC permissions, or for an unscoped key the owner's), or the user's RBAC permissions.
 fn permissions_of(caller: &Caller) -> Result<std::rc::Rc<crate::cache::Permissions>> {
     if let Some(key) = &caller.key {
         return Ok(std::rc::Rc::clone(&key.permissions));
     }
-    let before = crate::cache::begin_lookup();
-    Spi::connect(|client| crate::keys::permissions_of(client, before, caller.user_id, None))
+    crate::keys::fresh_permissions(caller.user_id, None)
 }
 
 /// The app_role named by the JWT's `user_role` claim (Supabase custom access token hook).
@@ -227,17 +261,55 @@ fn jwt_user_role() -> Option<String> {
     }
 }
 
-/// Whether the current request holds `permission`: through its API key's scope, the user's
-/// RBAC roles, or a `user_role` claim in its JWT.
+/// Whether the role the request runs as administers everything: `service_role` or a superuser.
+pub fn role_is_admin() -> bool {
+    // SAFETY: plain reads of backend-local state and the syscache.
+    caller_role() == "service_role" || unsafe { pg_sys::superuser_arg(pg_sys::GetOuterUserId()) }
+}
+
+/// Whether the current request is an administrator's: `service_role` or a superuser; or a user
+/// holding an RBAC role of type admin, acting through their JWT, an impersonation or an
+/// unscoped key of theirs; or a JWT whose own `sub` is the identity and whose `user_role` claim
+/// is `admin`. A scoped key never is (it acts with its scope's permissions only), and a JWT's
+/// `user_role` claim never lends its rights to a key presented beside it.
+pub fn caller_is_admin() -> Result<bool> {
+    if role_is_admin() {
+        return Ok(true);
+    }
+    let Some(caller) = current_caller()? else {
+        return Ok(false);
+    };
+    if caller.key.as_ref().is_some_and(|k| k.scope_id.is_some()) {
+        return Ok(false);
+    }
+    if caller.from_jwt && jwt_user_role().as_deref() == Some("admin") {
+        return Ok(true);
+    }
+    Spi::connect(|client| {
+        Ok(USER_IS_ADMIN
+            .run(client, &[caller.user_id.into()])?
+            .first()
+            .get::<bool>(1)?
+            .unwrap_or(false))
+    })
+}
+
+/// Whether the current request holds `permission`: through its API key (the scope's
+/// permissions its owner holds), the user's RBAC roles, or the `user_role` claim of the JWT
+/// whose `sub` is the identity.
 pub fn has_permission(permission: &str) -> Result<bool> {
-    if let Some(caller) = current_caller()? {
-        if permissions_of(&caller)?
-            .names
-            .iter()
-            .any(|p| p == permission)
-        {
-            return Ok(true);
-        }
+    let Some(caller) = current_caller()? else {
+        return Ok(false);
+    };
+    if permissions_of(&caller)?
+        .names
+        .iter()
+        .any(|p| p == permission)
+    {
+        return Ok(true);
+    }
+    if !caller.from_jwt {
+        return Ok(false);
     }
     if let Some(role_type) = jwt_user_role() {
         return Spi::connect(|client| {
@@ -312,6 +384,14 @@ pub mod keyhippo_internal {
     #[search_path(pg_catalog, pg_temp)]
     fn current_user_id() -> Option<pgrx::Uuid> {
         crate::error::or_raise(super::current_user())
+    }
+
+    /// Whether the current request is an administrator's (see [`super::caller_is_admin`]): what
+    /// RLS policies and the management functions ask.
+    #[pg_extern(volatile, security_definer, parallel_unsafe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn caller_is_admin() -> bool {
+        crate::error::or_raise(super::caller_is_admin())
     }
 
     /// Whether the current request holds a permission (`keyhippo.authorize` in SQL takes the

@@ -73,6 +73,24 @@ impl From<pgrx::spi::SpiError> for KeyhippoError {
 
 pub type Result<T> = std::result::Result<T, KeyhippoError>;
 
+/// Longest part of a caller-supplied name an error message repeats.
+const ECHO_CHARS: usize = 64;
+
+/// A caller-supplied name as an error message repeats it: escaped, and cut to its first
+/// [`ECHO_CHARS`] characters (with "..." when cut), so that no message grows with the input.
+pub fn echo(name: &str) -> String {
+    let mut shown: String = name
+        .chars()
+        .take(ECHO_CHARS)
+        .collect::<String>()
+        .escape_default()
+        .to_string();
+    if name.chars().nth(ECHO_CHARS).is_some() {
+        shown.push_str("...");
+    }
+    shown
+}
+
 /// Unwraps a result, raising the error as a Postgres ERROR.
 pub fn or_raise<T>(r: Result<T>) -> T {
     match r {

@@ -1,11 +1,13 @@
 //! Impersonation for the database owner: `login_as_user`, `login_as_anon` and `logout`
 //! (procedures in sql/finalize.sql) call the functions here.
 //!
-//! An impersonation is recorded in `keyhippo_impersonation.impersonation_state` (for audit and
-//! for the one-hour expiry) and in this backend's memory, so that only the backend that logged
-//! in acts as the impersonated user: another session of the same owner is never affected.
+//! An impersonation belongs to the backend that logged in: it is held in this backend's memory
+//! (who, and since when: it lasts one hour), so another session, even of the same role, neither
+//! sees it nor ends it. `keyhippo_impersonation.impersonation_state` and the audit log only record
+//! it.
 
 use pgrx::prelude::*;
+use pgrx::{register_xact_callback, PgXactCallbackEvent};
 use std::cell::Cell;
 
 use crate::error::{KeyhippoError, Result};
@@ -14,35 +16,62 @@ use crate::plans::{types, Plan};
 /// The user id recorded for `login_as_anon` (KeyHippo's convention): an anonymous session.
 pub const ANON_USER_ID: [u8; 16] = [0; 16];
 
-thread_local! {
-    static STARTED_HERE: Cell<bool> = const { Cell::new(false) };
+/// How long an impersonation lasts (TimestampTz microseconds).
+const LIFETIME_MICROS: i64 = 3600 * 1_000_000;
+
+/// An impersonation of this backend.
+#[derive(Clone, Copy)]
+struct Impersonation {
+    user: [u8; 16],
+    /// When it started (TimestampTz).
+    since: i64,
 }
 
-const ACTIVE: Plan = Plan {
-    sql: "SELECT s.impersonated_user_id FROM keyhippo_impersonation.impersonation_state s \
-           WHERE s.original_role = session_user \
-             AND s.impersonation_time > pg_catalog.now() - interval '1 hour' \
-           ORDER BY s.impersonation_time DESC LIMIT 1",
-    args: &[],
+thread_local! {
+    static ACTIVE: Cell<Option<Impersonation>> = const { Cell::new(None) };
+}
+
+/// Sets this backend's impersonation; if the transaction that set it aborts, the previous one
+/// comes back.
+fn set_active(new: Option<Impersonation>) {
+    let previous = ACTIVE.with(|a| a.replace(new));
+    register_xact_callback(PgXactCallbackEvent::Abort, move || {
+        ACTIVE.with(|a| a.set(previous))
+    });
+}
+
+/// Whether the record of this session's impersonation of $1 says it is over (older than an
+/// hour): an operator ends impersonations early by back-dating their records.
+const RECORD_EXPIRED: Plan = Plan {
+    sql: "SELECT EXISTS (SELECT 1 FROM keyhippo_impersonation.impersonation_state s \
+                          WHERE s.impersonated_user_id = $1 AND s.original_role = session_user \
+                            AND s.impersonation_time <= pg_catalog.now() - interval '1 hour')",
+    args: &[types::UUID],
     mutating: false,
 };
 
 /// The user this backend is impersonating, if an impersonation started here is still active
 /// (less than one hour old, not logged out, and not a `login_as_anon`).
 pub fn impersonated_user() -> Result<Option<pgrx::Uuid>> {
-    if !STARTED_HERE.with(Cell::get) {
+    let Some(active) = ACTIVE.with(Cell::get) else {
+        return Ok(None);
+    };
+    // SAFETY: reads the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    if now - active.since >= LIFETIME_MICROS || active.user == ANON_USER_ID {
         return Ok(None);
     }
-    Spi::connect(|client| {
-        let rows = ACTIVE.run(client, &[])?;
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        Ok(rows
-            .first()
-            .get::<pgrx::Uuid>(1)?
-            .filter(|u| *u.as_bytes() != ANON_USER_ID))
-    })
+    let user = pgrx::Uuid::from_bytes(active.user);
+    let expired = crate::elevate::as_owner(|| {
+        Spi::connect(|client| {
+            Ok(RECORD_EXPIRED
+                .run(client, &[user.into()])?
+                .first()
+                .get::<bool>(1)?
+                .unwrap_or(false))
+        })
+    })?;
+    Ok((!expired).then_some(user))
 }
 
 const SESSION_IS_OWNER: Plan = Plan {
@@ -81,16 +110,13 @@ const BEGIN: Plan = Plan {
 const END: Plan = Plan {
     sql: "WITH s AS ( \
             DELETE FROM keyhippo_impersonation.impersonation_state \
-             WHERE original_role = session_user \
-            RETURNING impersonated_user_id, original_role) \
+             WHERE impersonated_user_id = $1 AND original_role = session_user) \
           INSERT INTO keyhippo.audit_log (action, table_name, data, user_id, function_name) \
-          SELECT 'impersonation_end', 'impersonation_state', \
-                 pg_catalog.jsonb_build_object('impersonated_user_id', s.impersonated_user_id, \
-                                               'original_role', s.original_role), \
-                 NULL, 'logout' \
-            FROM s \
-          RETURNING id",
-    args: &[],
+          VALUES ('impersonation_end', 'impersonation_state', \
+                  pg_catalog.jsonb_build_object('impersonated_user_id', $1, \
+                                                'original_role', session_user), \
+                  NULL, 'logout')",
+    args: &[types::UUID],
     mutating: true,
 };
 
@@ -123,19 +149,24 @@ fn begin(user_id: Option<pgrx::Uuid>) -> Result<()> {
             None => (pgrx::Uuid::from_bytes(ANON_USER_ID), "login_as_anon"),
         };
         BEGIN.run(client, &[target.into(), function.into()])?;
-        STARTED_HERE.with(|s| s.set(true));
+        set_active(Some(Impersonation {
+            user: *target.as_bytes(),
+            // SAFETY: reads the clock.
+            since: unsafe { pg_sys::GetCurrentTimestamp() },
+        }));
         Ok(())
     })
 }
 
 fn end() -> Result<()> {
-    let ended = Spi::connect_mut(|client| Ok::<_, KeyhippoError>(END.run(client, &[])?.len()))?;
-    STARTED_HERE.with(|s| s.set(false));
-    if ended == 0 {
+    let Some(active) = ACTIVE.with(Cell::get) else {
         return Err(KeyhippoError::WrongState(
             "keyhippo: this session is not impersonating anyone".into(),
         ));
-    }
+    };
+    let user = pgrx::Uuid::from_bytes(active.user);
+    Spi::connect_mut(|client| Ok::<_, KeyhippoError>(END.run(client, &[user.into()])?.len()))?;
+    set_active(None);
     Ok(())
 }
 

@@ -61,9 +61,38 @@ pub fn lookup_prefix(token: &str) -> Option<String> {
     Some(format!("{PREFIX}{jti}"))
 }
 
+/// `keyhippo.jwt_max_lifetime`: the longest lifetime a JWT key may be minted with. A JWT key is
+/// accepted, until it expires, by every service that shares the signing secret, without asking
+/// keyhippo: its lifetime is bounded.
+static JWT_MAX_LIFETIME: pgrx::GucSetting<Option<std::ffi::CString>> =
+    pgrx::GucSetting::<Option<std::ffi::CString>>::new(Some(c"1 year"));
+
+/// Defines the settings of JWT keys (from `_PG_init`).
+pub fn init() {
+    pgrx::GucRegistry::define_string_guc(
+        c"keyhippo.jwt_max_lifetime",
+        c"The longest lifetime (an interval) create_jwt_api_key accepts.",
+        c"Longer lifetimes are refused with SQLSTATE 22023.",
+        &JWT_MAX_LIFETIME,
+        pgrx::GucContext::Suset,
+        pgrx::GucFlags::default(),
+    );
+}
+
+/// The lifetime checks ($1: expires_in; $2: keyhippo.jwt_max_lifetime as text): not positive;
+/// longer than the maximum. Compared as the times they lead to from now (interval comparison
+/// counts a month as 30 days, so that '365 days' would exceed '1 year'), after a coarse interval
+/// check so that a huge interval is a refusal rather than a timestamp overflow.
+const LIFETIME_CHECK: Plan = Plan {
+    sql: "SELECT $1 <= interval '0', \
+                 CASE WHEN $1 > $2::interval + interval '1 month' THEN true \
+                      ELSE pg_catalog.now() + $1 > pg_catalog.now() + $2::interval END",
+    args: &[types::INTERVAL, types::TEXT],
+    mutating: false,
+};
+
 const EXPIRY_FROM_INTERVAL: Plan = Plan {
-    sql: "SELECT CASE WHEN pg_catalog.now() + $1 > pg_catalog.now() \
-                      THEN pg_catalog.now() + $1 END",
+    sql: "SELECT pg_catalog.now() + $1",
     args: &[types::INTERVAL],
     mutating: false,
 };
@@ -161,6 +190,24 @@ fn create_impl(
     signing_secret()?;
     Spi::connect_mut(|client| {
         let scope_id = keys::check_owner_and_scope(client, user, scope_name)?.scope_id;
+        let max = JWT_MAX_LIFETIME
+            .get()
+            .map(|m| m.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "1 year".into());
+        let check = LIFETIME_CHECK
+            .run(client, &[expires_in.into(), max.as_str().into()])?
+            .first();
+        if check.get::<bool>(1)?.unwrap_or(true) {
+            return Err(KeyhippoError::InvalidArgument(
+                "keyhippo: expires_in must be positive".into(),
+            ));
+        }
+        if check.get::<bool>(2)?.unwrap_or(true) {
+            return Err(KeyhippoError::InvalidArgument(format!(
+                "keyhippo: expires_in is longer than keyhippo.jwt_max_lifetime ({})",
+                max.chars().take(64).collect::<String>()
+            )));
+        }
         let expires_at = EXPIRY_FROM_INTERVAL
             .run(client, &[expires_in.into()])?
             .first()
@@ -179,23 +226,34 @@ fn create_impl(
     })
 }
 
-const JTI_ACTIVE: Plan = Plan {
-    sql: "SELECT EXISTS (SELECT 1 FROM keyhippo.api_key_metadata m \
-                          WHERE m.prefix = $1 AND m.user_id = $2 \
-                            AND NOT m.is_revoked AND m.expires_at > pg_catalog.now())",
+/// The live key a JWT API key's jti names: known, of that subject, unrevoked, unexpired, and
+/// with its hash still stored (revocation deletes it, however it was written).
+const JTI_KEY: Plan = Plan {
+    sql: "SELECT m.id, m.scope_id FROM keyhippo.api_key_metadata m \
+           WHERE m.prefix = $1 AND m.user_id = $2 \
+             AND NOT m.is_revoked AND m.revoked_at IS NULL AND m.expires_at > pg_catalog.now() \
+             AND EXISTS (SELECT 1 FROM keyhippo.api_key_secrets s WHERE s.key_metadata_id = m.id)",
     args: &[types::TEXT, types::UUID],
     mutating: false,
 };
 
-/// Whether the request's JWT, if it is an API key (`type = 'api_key'`), names a known,
-/// unrevoked, unexpired key of its subject. True for every JWT that is not an API key.
-/// PostgREST has already checked the signature when it filled request.jwt.claims.
-pub fn claims_key_active() -> Result<bool> {
+/// What the request's JWT is, as a key.
+pub enum ClaimsKey {
+    /// No JWT, or a JWT that is not an API key (a user's session).
+    NotAKey,
+    /// A JWT API key whose jti is live: the key, with its permissions.
+    Live(keys::VerifiedKey),
+    /// A JWT API key whose jti is revoked, expired or unknown.
+    Dead,
+}
+
+/// The request's JWT as an API key (claim `type = 'api_key'`), if it is one.
+pub fn claims_key() -> Result<ClaimsKey> {
     let Some(claims) = context::jwt_claims() else {
-        return Ok(true);
+        return Ok(ClaimsKey::NotAKey);
     };
     if claims.get("type").and_then(Value::as_str) != Some("api_key") {
-        return Ok(true);
+        return Ok(ClaimsKey::NotAKey);
     }
     let jti = claims
         .get("jti")
@@ -206,18 +264,32 @@ pub fn claims_key_active() -> Result<bool> {
         .and_then(Value::as_str)
         .and_then(context::parse_uuid);
     let (Some(jti), Some(sub)) = (jti, sub) else {
-        return Ok(false);
+        return Ok(ClaimsKey::Dead);
     };
-    Spi::connect(|client| {
-        Ok(JTI_ACTIVE
-            .run(
+    let found = crate::elevate::as_owner(|| {
+        Spi::connect(|client| {
+            let rows = JTI_KEY.run(
                 client,
                 &[format!("{PREFIX}{jti}").as_str().into(), sub.into()],
-            )?
-            .first()
-            .get::<bool>(1)?
-            .unwrap_or(false))
-    })
+            )?;
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            let row = rows.first();
+            Ok(row
+                .get::<Uuid>(1)?
+                .map(|id| (id, row.get::<Uuid>(2).ok().flatten())))
+        })
+    })?;
+    let Some((id, scope_id)) = found else {
+        return Ok(ClaimsKey::Dead);
+    };
+    Ok(ClaimsKey::Live(keys::VerifiedKey {
+        id,
+        user_id: sub,
+        scope_id,
+        permissions: keys::fresh_permissions(sub, scope_id)?,
+    }))
 }
 
 #[pg_schema]
@@ -229,6 +301,9 @@ pub mod keyhippo_internal {
     #[pg_extern(volatile, security_definer, parallel_unsafe)]
     #[search_path(pg_catalog, pg_temp)]
     fn jwt_api_key_active() -> bool {
-        crate::error::or_raise(super::claims_key_active())
+        !matches!(
+            crate::error::or_raise(super::claims_key()),
+            super::ClaimsKey::Dead
+        )
     }
 }

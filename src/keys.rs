@@ -10,7 +10,7 @@ use pgrx::prelude::*;
 use pgrx::{JsonB, Uuid};
 
 use crate::audit::function_scope;
-use crate::context::{self, scope_permissions_of};
+use crate::context::{self, scoped_permissions_of};
 use crate::direct_insert::LockedRow;
 use crate::error::{or_raise, KeyhippoError, Result};
 use crate::plans::{types, Plan};
@@ -70,44 +70,32 @@ const INSERT_KEY: Plan = Plan {
     mutating: true,
 };
 
-const SCOPE_PERMISSIONS: Plan = Plan {
-    sql: concat!("SELECT ", scope_permissions_of!("$1")),
-    args: &[types::UUID],
+const SCOPED_PERMISSIONS: Plan = Plan {
+    sql: concat!("SELECT ", scoped_permissions_of!("$1", "$2")),
+    args: &[types::UUID, types::UUID],
     mutating: false,
 };
 
-/// Records a use without ever waiting: a row another transaction holds is skipped (that
-/// transaction is recording a use of its own).
-const TOUCH_LAST_USED: Plan = Plan {
-    sql: "UPDATE keyhippo.api_key_metadata m SET last_used_at = pg_catalog.now() \
-           WHERE m.id = (SELECT l.id FROM keyhippo.api_key_metadata l \
-                          WHERE l.id = $1 FOR UPDATE SKIP LOCKED)",
-    args: &[types::UUID],
-    mutating: true,
-};
-
-const CALLER_IS_ADMIN: Plan = Plan {
-    sql: "SELECT keyhippo_internal.caller_is_admin()",
-    args: &[],
-    mutating: false,
-};
+// The management statements below take the caller ($2: the calling user, NULL for an admin
+// acting without one) and whether the caller is an admin ($3), both worked out before they run:
+// a key that exists but is another user's and a key that does not exist go through the very
+// same statements, so neither the result nor the time taken tells them apart.
 
 /// Revokes a key the caller owns (or any key, for an admin). The secret hash is deleted by the
 /// AFTER UPDATE trigger, so revoking by a direct UPDATE of is_revoked/revoked_at works the same.
 const REVOKE: Plan = Plan {
     sql: "UPDATE keyhippo.api_key_metadata m \
              SET is_revoked = true, revoked_at = pg_catalog.now() \
-           WHERE m.id = $1 AND NOT m.is_revoked \
-             AND (m.user_id = $2 OR keyhippo_internal.caller_is_admin()) \
+           WHERE m.id = $1 AND NOT m.is_revoked AND (m.user_id = $2 OR $3) \
           RETURNING m.id",
-    args: &[types::UUID, types::UUID],
+    args: &[types::UUID, types::UUID, types::BOOL],
     mutating: true,
 };
 
 const KEY_VISIBLE: Plan = Plan {
     sql: "SELECT m.is_revoked FROM keyhippo.api_key_metadata m \
-           WHERE m.id = $1 AND (m.user_id = $2 OR keyhippo_internal.caller_is_admin())",
-    args: &[types::UUID, types::UUID],
+           WHERE m.id = $1 AND (m.user_id = $2 OR $3)",
+    args: &[types::UUID, types::UUID, types::BOOL],
     mutating: false,
 };
 
@@ -115,17 +103,17 @@ const ROTATE_SOURCE: Plan = Plan {
     sql: "SELECT m.user_id, m.scope_id, m.description, m.claims, m.is_revoked, \
                  pg_catalog.now() + (m.expires_at - m.created_at), m.prefix \
             FROM keyhippo.api_key_metadata m \
-           WHERE m.id = $1 AND (m.user_id = $2 OR keyhippo_internal.caller_is_admin()) \
+           WHERE m.id = $1 AND (m.user_id = $2 OR $3) \
              FOR UPDATE",
-    args: &[types::UUID, types::UUID],
+    args: &[types::UUID, types::UUID, types::BOOL],
     mutating: true,
 };
 
 const UPDATE_CLAIMS: Plan = Plan {
-    sql: "UPDATE keyhippo.api_key_metadata m SET claims = $2 \
-           WHERE m.id = $1 AND (m.user_id = $3 OR keyhippo_internal.caller_is_admin()) \
+    sql: "UPDATE keyhippo.api_key_metadata m SET claims = $4 \
+           WHERE m.id = $1 AND (m.user_id = $2 OR $3) \
           RETURNING m.id",
-    args: &[types::UUID, types::JSONB, types::UUID],
+    args: &[types::UUID, types::UUID, types::BOOL, types::JSONB],
     mutating: true,
 };
 
@@ -142,21 +130,27 @@ pub(crate) fn require_user() -> Result<Uuid> {
     context::current_user()?.ok_or_else(unauthenticated)
 }
 
-/// For management calls: the calling user, or None for an admin (service_role or a superuser)
-/// acting without one. `user` is resolved before the SPI connection is opened.
-fn user_or_admin(user: Option<Uuid>, client: &pgrx::spi::SpiClient<'_>) -> Result<Option<Uuid>> {
-    if user.is_some() {
-        return Ok(user);
+/// Who calls a management function: the calling user (None for an admin such as service_role
+/// acting without one), and whether the caller is an admin. Both are always worked out, whatever
+/// the key asked for, so every call runs the same statements.
+struct Manager {
+    user: Option<Uuid>,
+    is_admin: bool,
+}
+
+impl Manager {
+    fn current() -> Result<Manager> {
+        let user = context::current_user()?;
+        let is_admin = context::caller_is_admin()?;
+        if user.is_none() && !is_admin {
+            return Err(unauthenticated());
+        }
+        Ok(Manager { user, is_admin })
     }
-    let is_admin = CALLER_IS_ADMIN
-        .run(client, &[])?
-        .first()
-        .get::<bool>(1)?
-        .unwrap_or(false);
-    if is_admin {
-        Ok(None)
-    } else {
-        Err(unauthenticated())
+
+    /// The arguments $1 (the key), $2 and $3 of the management statements.
+    fn args(&self, key: Uuid) -> [DatumWithOid<'static>; 3] {
+        [key.into(), self.user.into(), self.is_admin.into()]
     }
 }
 
@@ -721,7 +715,7 @@ fn scope_id(client: &pgrx::spi::SpiClient<'_>, scope_name: Option<&str>) -> Resu
     if scope_id.is_none() {
         return Err(KeyhippoError::NotFound(format!(
             "keyhippo: scope \"{}\" does not exist",
-            name.escape_default()
+            crate::error::echo(name)
         )));
     }
     Ok(scope_id)
@@ -831,11 +825,19 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
         }));
     }
     let before = crate::cache::begin_lookup();
-    let found = crate::lookup::find(&prefix).map_err(|()| {
-        KeyhippoError::Internal(
-            "keyhippo: keyhippo.api_key_metadata, api_key_secrets or their indexes are missing; reinstall the extension".into(),
-        )
-    })?;
+    let find = || {
+        crate::lookup::find(&prefix).map_err(|()| {
+            KeyhippoError::Internal(
+                "keyhippo: keyhippo.api_key_metadata, api_key_secrets or their indexes are missing; reinstall the extension".into(),
+            )
+        })
+    };
+    // Only a lookup whose row may be cached needs a snapshot of its own.
+    let found = if crate::cache::keys_enabled() {
+        crate::cache::with_fresh_snapshot(before, find)?
+    } else {
+        find()?
+    };
     verified_from_row(api_key, &prefix, now, before, found)
 }
 
@@ -859,9 +861,7 @@ fn verified_from_row(
     let permissions = match crate::cache::permissions(&permissions_owner(row.user_id, row.scope_id))
     {
         Some(permissions) => permissions,
-        None => crate::elevate::as_owner(|| {
-            Spi::connect(|client| permissions_of(client, before, row.user_id, row.scope_id))
-        })?,
+        None => crate::elevate::as_owner(|| fresh_permissions(row.user_id, row.scope_id))?,
     };
     let verified = VerifiedKey {
         id: row.id,
@@ -871,10 +871,9 @@ fn verified_from_row(
     };
     let due = crate::usage::due(row.last_used_at, now);
     let first = row.last_used_at.is_none();
-    if due && !crate::usage::record(row.id, row.tid, now, first) && can_write() {
-        crate::elevate::as_owner(|| {
-            Spi::connect_mut(|client| TOUCH_LAST_USED.run(client, &[row.id.into()]).map(|_| ()))
-        })?;
+    if due && !crate::usage::record(row.id, row.tid, now, first) && crate::fallback_use::possible()
+    {
+        crate::fallback_use::record_at_commit(row.id);
     }
     let used_at = match row.last_used_at {
         Some(used) if !due => used,
@@ -894,16 +893,19 @@ fn verified_from_row(
 
 fn permissions_owner(user_id: Uuid, scope_id: Option<Uuid>) -> crate::cache::PermissionsOf {
     match scope_id {
-        Some(scope) => crate::cache::PermissionsOf::Scope(*scope.as_bytes()),
+        Some(scope) => crate::cache::PermissionsOf::ScopedKey {
+            scope: *scope.as_bytes(),
+            user: *user_id.as_bytes(),
+        },
         None => crate::cache::PermissionsOf::User(*user_id.as_bytes()),
     }
 }
 
-/// The permissions a key carries: its scope's, or for an unscoped key its owner's RBAC
-/// permissions; from the per-backend cache when it holds them.
-pub(crate) fn permissions_of(
-    client: &pgrx::spi::SpiClient<'_>,
-    before: Option<u64>,
+/// The permissions a key carries at this moment: its scope's that its owner holds now (a scope
+/// narrows, never widens), or for an unscoped key its owner's RBAC permissions; with no key
+/// (`scope_id` None) the user's. From the per-backend cache when it holds them, else read (under
+/// a snapshot of their own when the result may be cached: see [`crate::cache`]).
+pub(crate) fn fresh_permissions(
     user_id: Uuid,
     scope_id: Option<Uuid>,
 ) -> Result<std::rc::Rc<crate::cache::Permissions>> {
@@ -911,24 +913,19 @@ pub(crate) fn permissions_of(
     if let Some(permissions) = crate::cache::permissions(&owner) {
         return Ok(permissions);
     }
-    let (plan, arg) = match scope_id {
-        Some(scope) => (&SCOPE_PERMISSIONS, scope),
-        None => (&context::USER_PERMISSIONS, user_id),
-    };
-    let permissions = crate::cache::Permissions::new(
-        plan.run(client, &[arg.into()])?
-            .first()
-            .get::<Vec<String>>(1)?
-            .unwrap_or_default(),
-    );
+    let before = crate::cache::begin_lookup();
+    let names = crate::cache::with_fresh_snapshot(before, || {
+        Spi::connect(|client| {
+            let rows = match scope_id {
+                Some(scope) => SCOPED_PERMISSIONS.run(client, &[scope.into(), user_id.into()])?,
+                None => context::USER_PERMISSIONS.run(client, &[user_id.into()])?,
+            };
+            Ok(rows.first().get::<Vec<String>>(1)?.unwrap_or_default())
+        })
+    })?;
+    let permissions = crate::cache::Permissions::new(names);
     crate::cache::store_permissions(before, owner, &permissions);
     Ok(permissions)
-}
-
-/// Whether this transaction may write: not READ ONLY, not on a hot standby.
-fn can_write() -> bool {
-    // SAFETY: reads of backend-local state.
-    unsafe { !pg_sys::XactReadOnly && !pg_sys::RecoveryInProgress() }
 }
 
 /// Revokes a key: true when this call revoked it, false when it was already revoked. Raises
@@ -944,17 +941,15 @@ fn revoke_impl(api_key_id: Option<Uuid>) -> Result<bool> {
     let id = api_key_id.ok_or_else(|| {
         KeyhippoError::InvalidArgument("keyhippo: api_key_id must not be NULL".into())
     })?;
-    let user = context::current_user()?;
+    let manager = Manager::current()?;
     Spi::connect_mut(|client| {
-        let user = user_or_admin(user, client)?;
-        if !REVOKE.run(client, &[id.into(), user.into()])?.is_empty() {
-            return Ok(true);
-        }
-        let visible = KEY_VISIBLE.run(client, &[id.into(), user.into()])?;
-        if visible.is_empty() {
-            Err(key_not_found())
-        } else {
-            Ok(false)
+        let revoked = !REVOKE.run(client, &manager.args(id))?.is_empty();
+        // Run whatever the outcome, so that every call runs the same statements.
+        let visible = !KEY_VISIBLE.run(client, &manager.args(id))?.is_empty();
+        match (revoked, visible) {
+            (true, _) => Ok(true),
+            (false, true) => Ok(false),
+            (false, false) => Err(key_not_found()),
         }
     })
 }
@@ -974,12 +969,10 @@ fn rotate_impl(old_api_key_id: Option<Uuid>) -> Result<(String, Uuid)> {
     let id = old_api_key_id.ok_or_else(|| {
         KeyhippoError::InvalidArgument("keyhippo: old_api_key_id must not be NULL".into())
     })?;
-    let user = context::current_user()?;
+    let manager = Manager::current()?;
+    let user = manager.user;
     Spi::connect_mut(|client| {
-        let user = user_or_admin(user, client)?;
-        let old = ROTATE_SOURCE
-            .run(client, &[id.into(), user.into()])?
-            .first();
+        let old = ROTATE_SOURCE.run(client, &manager.args(id))?.first();
         if old.is_empty() {
             return Err(key_not_found());
         }
@@ -1017,13 +1010,21 @@ fn rotate_impl(old_api_key_id: Option<Uuid>) -> Result<(String, Uuid)> {
             };
             insert_key(client, new, user)?
         };
-        REVOKE.run(client, &[id.into(), user.into()])?;
+        REVOKE.run(client, &manager.args(id))?;
         Ok(created)
     })
 }
 
-/// Replaces a key's claims (a JSON object) for its owner or an admin.
-#[pg_extern(volatile, security_definer, parallel_unsafe)]
+/// Replaces a key's claims (a JSON object) for its owner or an admin. Called by
+/// `keyhippo.update_key_claims` (sql/finalize.sql), which checks the document's shape first: the
+/// conversion of the argument to JSON here cannot report a document nested too deep as the
+/// caller's error.
+#[pg_extern(
+    volatile,
+    security_definer,
+    parallel_unsafe,
+    schema = "keyhippo_internal"
+)]
 #[search_path(pg_catalog, pg_temp)]
 fn update_key_claims(key_id: Option<Uuid>, new_claims: Option<JsonB>) {
     let _audit = function_scope("update_key_claims");
@@ -1047,11 +1048,11 @@ fn update_claims_impl(key_id: Option<Uuid>, new_claims: Option<JsonB>) -> Result
             "keyhippo: new_claims is larger than {MAX_CLAIMS_BYTES} bytes"
         )));
     }
-    let user = context::current_user()?;
+    let manager = Manager::current()?;
     Spi::connect_mut(|client| {
-        let user = user_or_admin(user, client)?;
+        let [key, user, is_admin] = manager.args(id);
         if UPDATE_CLAIMS
-            .run(client, &[id.into(), claims.into(), user.into()])?
+            .run(client, &[key, user, is_admin, claims.into()])?
             .is_empty()
         {
             Err(key_not_found())

@@ -29,6 +29,7 @@ mod direct_insert;
 mod elevate;
 mod error;
 mod expiry;
+mod fallback_use;
 mod impersonation;
 mod jwt_keys;
 mod keys;
@@ -41,7 +42,21 @@ mod usage_writer;
 /// shared_preload_libraries, the shared buffer and background worker of `usage`.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    no_backtraces();
+    audit::init();
+    jwt_keys::init();
     usage::init();
+}
+
+/// pgrx's panic hook captures a Rust backtrace for every error that crosses a guarded function,
+/// and reports it in the error's DETAIL whenever the server's environment enables backtraces
+/// (`RUST_BACKTRACE=1`, common in a developer's shell). A caller must never see one: backtraces
+/// are switched off for this library's whole process before any can be captured.
+fn no_backtraces() {
+    // RUST_LIB_BACKTRACE takes precedence over RUST_BACKTRACE for std::backtrace::Backtrace
+    // (what the hook captures) and leaves panic messages alone. Postgres backends are
+    // single-threaded, so changing the environment here races with nothing.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
 }
 
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);

@@ -57,6 +57,7 @@ impl Plan {
 pub mod types {
     use pgrx::pg_sys::{BuiltinOid, PgOid};
     pub const UUID: PgOid = PgOid::BuiltIn(BuiltinOid::UUIDOID);
+    pub const BOOL: PgOid = PgOid::BuiltIn(BuiltinOid::BOOLOID);
     pub const TEXT: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTOID);
     pub const JSONB: PgOid = PgOid::BuiltIn(BuiltinOid::JSONBOID);
     pub const TIMESTAMPTZ: PgOid = PgOid::BuiltIn(BuiltinOid::TIMESTAMPTZOID);

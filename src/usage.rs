@@ -467,11 +467,18 @@ pub extern "C-unwind" fn keyhippo_usage_worker_main(_arg: pg_sys::Datum) {
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn flush_key_usage() -> i64 {
+    // Refused (25006) before anything is taken from the buffer: taking uses and then failing to
+    // write them would lose them.
+    // SAFETY: plain checks of transaction state; they raise an ERROR naming the function.
+    unsafe {
+        pg_sys::PreventCommandIfReadOnly(c"flush_key_usage()".as_ptr());
+        pg_sys::PreventCommandDuringRecovery(c"flush_key_usage()".as_ptr());
+    }
     if !PRELOADED.load(Ordering::Relaxed) {
         return 0;
     }
     let uses = drain();
-    if uses.is_empty() || unsafe { pg_sys::RecoveryInProgress() } {
+    if uses.is_empty() {
         return 0;
     }
     crate::error::or_raise(Spi::connect_mut(|client| write(client, &uses)));

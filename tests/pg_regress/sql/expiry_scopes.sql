@@ -34,7 +34,8 @@ select api_key as scoped_key, api_key_id as scoped_id from keyhippo.create_api_k
 select api_key as default_key from keyhippo.create_api_key('Default scoped', 'default') \gset
 select api_key as plain_key, api_key_id as plain_id from keyhippo.create_api_key('Unscoped') \gset
 
--- A scoped key reports its scope and the scope's permissions.
+-- A scoped key reports its scope and those of the scope's permissions its owner holds: A holds
+-- manage_api_keys (the User role) but not manage_scopes. A scope narrows, never widens.
 select s.name as scope, v.permissions
   from keyhippo.verify_api_key(:'scoped_key') v join keyhippo.scopes s on s.id = v.scope_id;
 -- The default scope carries no permissions of its own.

@@ -19,7 +19,8 @@ select length(:'key_a') as key_length;
 select user_id = 'aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa' as owner_is_a, scope_id is null as unscoped
   from keyhippo.verify_api_key(:'key_a');
 
--- A sees it, with the public prefix and no secret.
+-- A sees it, with the public prefix and no secret. (Its use is recorded when the verifying
+-- transaction commits, which this one never does.)
 select description, prefix = left(:'key_a', 19) as prefix_is_public_part, is_revoked,
        revoked_at is null as not_revoked, claims, last_used_at is not null as use_recorded,
        expires_at > now() + interval '99 years' as expires_in_100_years

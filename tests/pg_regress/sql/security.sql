@@ -66,7 +66,9 @@ select count(*) as verifies_with_hostile_search_path from keyhippo.verify_api_ke
 -- verify_api_key is not SECURITY DEFINER (its common path runs no SQL); the statements of its
 -- rare paths (permissions, the fallback last_used_at update) take the owner's rights with
 -- search_path pinned, so a look-alike "=" earlier in the path, which would match every row,
--- changes nothing: the right permissions, and only the verified key marked as used.
+-- changes nothing: the right permissions. (The fallback update runs when the verifying
+-- transaction commits, which this one never does: security_rules checks it marks only the
+-- verified key as used.)
 select prosecdef, proconfig from pg_proc where oid = 'keyhippo.verify_api_key(text)'::regprocedure;
 reset search_path;
 set local role authenticated;

@@ -87,6 +87,9 @@ rollback;
 \echo '--- permissions: the next verify in the same session sees a change to the scope'
 begin;
 insert into auth.users (id, email) values ('aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', 'a@example.com');
+-- A holds every permission (the Admin role): a key's scope narrows its owner's permissions.
+insert into keyhippo_rbac.user_group_roles (user_id, group_id, role_id)
+select 'aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', r.group_id, r.id from keyhippo_rbac.roles r where r.name = 'Admin';
 insert into keyhippo.scopes (name, description) values ('lookup_scope', 'for verify_lookup');
 insert into keyhippo.scope_permissions (scope_id, permission_id)
 select s.id, p.id from keyhippo.scopes s, keyhippo_rbac.permissions p
