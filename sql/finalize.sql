@@ -406,7 +406,9 @@ CREATE TRIGGER keyhippo_sync_revocation
     BEFORE UPDATE OF is_revoked, revoked_at ON keyhippo.api_key_metadata
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.sync_revocation();
 -- Also for writes made with session_replication_role = replica (a logical replication
--- subscriber, a superuser's session): a revocation is a revocation however it arrives.
+-- subscriber, a superuser's session): a revocation is a revocation however it arrives. (This
+-- trigger, keyhippo_delete_revoked_secret and keyhippo_cache_update do nothing when only
+-- last_used_at changes; the background worker relies on that: src/usage_writer.rs.)
 ALTER TABLE keyhippo.api_key_metadata ENABLE ALWAYS TRIGGER keyhippo_sync_revocation;
 
 -- last_used_at never moves back. The background worker overwrites a key row's last_used_at

@@ -156,8 +156,9 @@ unsafe fn plain_update_target(rel: pg_sys::Relation) -> bool {
             let all =
                 std::slice::from_raw_parts((*triggers).triggers, (*triggers).numtriggers as usize);
             let fires_on_replica = |t: &pg_sys::Trigger| {
-                t.tgenabled == pg_sys::TRIGGER_FIRES_ALWAYS as std::ffi::c_char
-                    || t.tgenabled == pg_sys::TRIGGER_FIRES_ON_REPLICA as std::ffi::c_char
+                (t.tgenabled == pg_sys::TRIGGER_FIRES_ALWAYS as std::ffi::c_char
+                    || t.tgenabled == pg_sys::TRIGGER_FIRES_ON_REPLICA as std::ffi::c_char)
+                    && !inert_on_use(t)
             };
             if all
                 .iter()
@@ -168,6 +169,23 @@ unsafe fn plain_update_target(rel: pg_sys::Relation) -> bool {
         }
         true
     }
+}
+
+/// keyhippo's own UPDATE triggers that fire in every replication role (sql/finalize.sql: a
+/// revocation or a change verify depends on must take effect however it is written) and do
+/// nothing when only last_used_at changes: their column lists or WHEN conditions name revocation,
+/// expiry, owner, scope and prefix only.
+const INERT_ON_USE: [&std::ffi::CStr; 3] = [
+    c"keyhippo_sync_revocation",
+    c"keyhippo_delete_revoked_secret",
+    c"keyhippo_cache_update",
+];
+
+/// Whether trigger `t` is one of [`INERT_ON_USE`].
+fn inert_on_use(t: &pg_sys::Trigger) -> bool {
+    // SAFETY: tgname is the NUL-terminated name in the relation's trigger descriptor.
+    let name = unsafe { std::ffi::CStr::from_ptr(t.tgname) };
+    INERT_ON_USE.contains(&name)
 }
 
 /// What [`overwrite`] did.

@@ -110,6 +110,9 @@ check "LISTEN: not delivered before commit" yes \
 check "LISTEN: payload names the key" yes "$(grep -q "\"id\": \"$id\"" "$WORK/listener" && echo yes || echo no)"
 check "LISTEN: payload carries no key material" no \
     "$(grep -q "${key:20:43}" "$WORK/listener" && echo yes || echo no)"
+# Anyone may LISTEN: the payload names the key and its expiry, nothing of its owner.
+check "LISTEN: payload is the key id, its expiry and the event only" '"event" "expires_at" "id"' \
+    "$(grep -o 'payload "{[^}]*}"' "$WORK/listener" | head -1 | grep -oE '"[a-z_]+": ' | tr -d ': ' | sort | tr '\n' ' ' | sed 's/ $//')"
 
 # 6. create locks its owner's auth.users row FOR KEY SHARE itself (instead of the foreign key's
 #    check statement): a concurrent DELETE of the owner must still wait for the creating
@@ -153,6 +156,94 @@ q -c "DELETE FROM auth.users WHERE id = '$U4'" >/dev/null
 wait
 check "REPEATABLE READ create after its owner was deleted: 40001" "ERROR: 40001" "$(grep -o 'ERROR: *[0-9A-Z]*' "$WORK/rr" | tr -s ' ')"
 check "... and no key" 0 "$(keys_of $U4)"
+
+# 7. No statement that starts after a revocation or a permission change commits acts on the old
+#    state, whatever the isolation level, with the verified-key cache on (this cluster) and under
+#    load: pgbench verifies another key from two connections meanwhile.
+read -r lkey _ <<<"$(new_key "7 load")"
+echo "SELECT count(*) FROM keyhippo.verify_api_key('$lkey');" >"$WORK/load.sql"
+"$PGBIN/pgbench" -n -M prepared -c 2 -j 2 -T 14 -f "$WORK/load.sql" kh >"$WORK/load.log" 2>&1 &
+load_pid=$!
+lines() { grep -v '^$' "$1" | tr '\n' ' ' | sed 's/ $//'; }
+# 7a. A REPEATABLE READ transaction took its snapshot before the revocation committed: inside it
+#     the key verifies (right for its snapshot); after its COMMIT, never again in that backend.
+read -r key id <<<"$(new_key "7a")"
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "BEGIN ISOLATION LEVEL REPEATABLE READ"   -c "SELECT 'snapshot'" -c "SELECT pg_sleep(1)" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')"   -c "COMMIT" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')"   -c "SELECT pg_sleep(0.5)" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >"$WORK/7a" 2>&1 &
+sleep 0.4
+q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >/dev/null
+wait "$!"
+check "REPEATABLE READ across a revocation: before, inside, after commit, later" "1 snapshot 1 0 0" "$(lines "$WORK/7a")"
+# 7b. READ COMMITTED: the revocation commits while a statement that verifies the key sleeps
+#     (its snapshot is older than the revocation); the next statements refuse the key.
+read -r key id <<<"$(new_key "7b")"
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')"   -c "SELECT (SELECT count(*) FROM keyhippo.verify_api_key('$key')) >= 0 FROM (SELECT pg_sleep(1) OFFSET 0) s"   -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')"   -c "SELECT pg_sleep(0.5)" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >"$WORK/7b" 2>&1 &
+sleep 0.4
+q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >/dev/null
+wait "$!"
+check "READ COMMITTED, revoked during a verifying statement: before, during, next, later" "1 t 0 0" "$(lines "$WORK/7b")"
+# 7c. The permissions cache (on whenever preloaded): user U5's role is removed while one of its
+#     REPEATABLE READ transactions is open; after that COMMIT, authorize and the context say so.
+U5=b0000000-0000-4000-8000-000000000005
+new_user "$U5"
+q -c "$(as_user $U5)" -c "SELECT keyhippo.authorize('manage_api_keys')" -c "BEGIN ISOLATION LEVEL REPEATABLE READ"   -c "SELECT 'snapshot'" -c "SELECT pg_sleep(1)" -c "SELECT keyhippo.authorize('manage_api_keys')" -c "COMMIT"   -c "SELECT keyhippo.authorize('manage_api_keys')"   -c "SELECT coalesce(nullif(array_to_string(permissions, ','), ''), 'none') FROM keyhippo.current_user_context()" >"$WORK/7c" 2>&1 &
+sleep 0.4
+q -c "DELETE FROM keyhippo_rbac.user_group_roles WHERE user_id = '$U5'" >/dev/null
+wait "$!"
+# (The first f: as_user's set_config line.)
+check "permissions across a role removal: before, inside, after commit, context" "f t snapshot t f none" \
+    "$(lines "$WORK/7c" | sed 's/  */ /g')"
+wait "$load_pid"
+check "pgbench verify load meanwhile: no failed transactions" 0 \
+    "$(grep -E '^number of failed transactions' "$WORK/load.log" | sed -E 's/[^:]*: ([0-9]+).*/\1/' || echo missing)"
+
+# 8. Where no worker records uses (database kh2: the worker serves kh), verify's fallback write
+#    runs when the verifying transaction commits: it never holds the key row while the request
+#    runs, and never fails in REPEATABLE READ.
+q -d postgres -c 'CREATE DATABASE kh2'
+q -d kh2 -f tests/fixtures/supabase.sql -c 'CREATE EXTENSION keyhippo' >/dev/null 2>&1
+q -d kh2 -c "INSERT INTO auth.users (id, email) VALUES ('$USER_A', 'a@example.com')"
+new_key2() { q -d kh2 -c "$as_a" -c "SELECT api_key || ' ' || api_key_id FROM keyhippo.create_api_key('$1')" | tail -1; }
+# 8a. A request verifies and runs on for 2 s; the owner revokes the key meanwhile without waiting.
+read -r key id <<<"$(new_key2 "8a")"
+q -d kh2 -c "BEGIN" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "SELECT pg_sleep(2)" -c "COMMIT" \
+  >/dev/null 2>&1 &
+sleep 0.5
+out=$(q -d kh2 -c "SET lock_timeout = '500ms'" -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" 2>&1 | tail -1)
+wait "$!"
+check "revoke while a verifying transaction is open: not held up" t "$out"
+# 8b. REPEATABLE READ: another session records a use of the key after the snapshot; verify
+#     answers, and the commit succeeds (its own use, which would conflict, is dropped).
+read -r key id <<<"$(new_key2 "8b")"
+q -d kh2 -v VERBOSITY=verbose -c "BEGIN ISOLATION LEVEL REPEATABLE READ" -c "SELECT 'snapshot'" -c "SELECT pg_sleep(1)" \
+  -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "COMMIT" -c "SELECT 'committed'" >"$WORK/8b" 2>&1 &
+sleep 0.4
+q -d kh2 -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >/dev/null
+wait "$!"
+check "REPEATABLE READ verify after a concurrent use: answers and commits" "snapshot 1 committed" "$(lines "$WORK/8b")"
+check "... the other session's use recorded" t \
+    "$(q -d kh2 -c "SELECT last_used_at IS NOT NULL FROM keyhippo.api_key_metadata WHERE id = '$id'")"
+# 8c. The same after a concurrent revocation: the snapshot still shows the key; no error.
+read -r key id <<<"$(new_key2 "8c")"
+q -d kh2 -v VERBOSITY=verbose -c "BEGIN ISOLATION LEVEL REPEATABLE READ" -c "SELECT 'snapshot'" -c "SELECT pg_sleep(1)" \
+  -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "COMMIT" -c "SELECT 'committed'" >"$WORK/8c" 2>&1 &
+sleep 0.4
+q -d kh2 -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >/dev/null
+wait "$!"
+check "REPEATABLE READ verify after a concurrent revocation: answers and commits" "snapshot 1 committed" "$(lines "$WORK/8c")"
+
+# 9. Impersonation belongs to the session that logged in: another session of the same role
+#    logging in as someone else, and out again, changes nothing for the first.
+U6=b0000000-0000-4000-8000-000000000006
+new_user "$U6"
+q -c "CALL keyhippo_impersonation.login_as_user('$USER_A')" -c "SELECT pg_sleep(1.2)" \
+  -c "SELECT user_id FROM keyhippo.current_user_context()" -c "CALL keyhippo_impersonation.logout()" \
+  -c "SELECT 'logged out'" >"$WORK/9a" 2>&1 &
+sleep 0.3
+q -c "CALL keyhippo_impersonation.login_as_user('$U6')" -c "SELECT user_id FROM keyhippo.current_user_context()" \
+  -c "CALL keyhippo_impersonation.logout()" >"$WORK/9b" 2>&1
+wait "$!"
+check "second session acts as its own user" "$U6" "$(lines "$WORK/9b")"
+check "first session still acts as its user, and logs out" "$USER_A logged out" "$(lines "$WORK/9a")"
 
 echo "concurrency: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -284,6 +284,32 @@ for i in $(seq 1 100); do
 done
 check "the overwrite replayed on the standby" "$second" \
     "$(q -p "$STANDBY_PORT" -c "SELECT coalesce(last_used_at::text, 'null') FROM keyhippo.api_key_metadata WHERE id = '$id11'")"
+# 3c. Replay fires no trigger, so nothing would tell a standby's caches of a change: a standby
+#     backend that verified a key (twice, as a cache would fill) sees a removed role and then
+#     the key's revocation at its next verify once the primary's commit is replayed.
+wait_replay() {
+    local lsn; lsn=$(q -c "SELECT pg_current_wal_insert_lsn()")
+    for i in $(seq 1 100); do
+        [ "$(q -p "$STANDBY_PORT" -c "SELECT pg_last_wal_replay_lsn() >= '$lsn'")" = t ] && return
+        sleep 0.1
+    done
+}
+read -r key12 id12 <<<"$(new_key "standby cache")"
+wait_replay
+perms12="SELECT array_to_string(permissions, ',') FROM keyhippo.verify_api_key('$key12')"
+q -p "$STANDBY_PORT" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key12')" -c "$perms12" \
+  -c "SELECT pg_sleep(3)" -c "$perms12" -c "SELECT pg_sleep(3)" \
+  -c "SELECT count(*) FROM keyhippo.verify_api_key('$key12')" >"$ROOT/target/clusters/last_used/standby_cache.out" 2>&1 &
+sleep 0.5
+q -c "DELETE FROM keyhippo_rbac.user_group_roles ugr USING keyhippo_rbac.roles r WHERE r.id = ugr.role_id AND ugr.user_id = '$USER_A' AND r.name = 'Admin'"
+wait_replay
+sleep 3
+q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id12')" >/dev/null
+wait_replay
+wait "$!"
+check "standby: a removed role, then a revocation, seen by the next verify after replay" \
+    "1 manage_api_keys,manage_groups,manage_permissions,manage_roles,manage_scopes,manage_user_attributes manage_api_keys 0" \
+    "$(grep -v '^$' "$ROOT/target/clusters/last_used/standby_cache.out" | tr '\n' ' ' | sed 's/ $//')"
 check "revoked key refused on the primary right after commit" 0 \
     "$(q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" -c "RESET ROLE" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" | tail -1)"
 
