@@ -276,7 +276,15 @@ pub fn caller_is_admin() -> Result<bool> {
     if role_is_admin() {
         return Ok(true);
     }
-    let Some(caller) = current_caller()? else {
+    is_admin(current_caller()?.as_ref())
+}
+
+/// [`caller_is_admin`] for a caller already resolved (the role check aside).
+pub fn is_admin(caller: Option<&Caller>) -> Result<bool> {
+    if role_is_admin() {
+        return Ok(true);
+    }
+    let Some(caller) = caller else {
         return Ok(false);
     };
     if caller.key.as_ref().is_some_and(|k| k.scope_id.is_some()) {

@@ -140,8 +140,9 @@ struct Manager {
 
 impl Manager {
     fn current() -> Result<Manager> {
-        let user = context::current_user()?;
-        let is_admin = context::caller_is_admin()?;
+        let caller = context::current_caller()?;
+        let is_admin = context::is_admin(caller.as_ref())?;
+        let user = caller.map(|c| c.user_id);
         if user.is_none() && !is_admin {
             return Err(unauthenticated());
         }

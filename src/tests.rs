@@ -229,6 +229,86 @@ mod tests {
         assert_eq!(who().as_deref(), Some(USER_B));
     }
 
+    /// A scope narrows its owner's permissions, never widens them: a key for a scope holding
+    /// every permission carries only those its owner holds, and loses them with the owner's role.
+    #[pg_test]
+    fn a_scoped_key_carries_only_what_its_owner_holds() {
+        Spi::run(
+            "INSERT INTO keyhippo.scopes (name) VALUES ('everything'); \
+             INSERT INTO keyhippo.scope_permissions (scope_id, permission_id) \
+             SELECT s.id, p.id FROM keyhippo.scopes s, keyhippo_rbac.permissions p \
+              WHERE s.name = 'everything'; \
+             INSERT INTO keyhippo_rbac.user_group_roles (user_id, group_id, role_id) \
+             SELECT 'aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', r.group_id, r.id \
+               FROM keyhippo_rbac.roles r WHERE r.name = 'User'",
+        )
+        .unwrap();
+        act_as(USER_A);
+        let key = Spi::get_one::<String>(
+            "SELECT api_key FROM keyhippo.create_api_key('scoped', 'everything')",
+        )
+        .unwrap()
+        .unwrap();
+        let permissions = || {
+            Spi::get_one::<Vec<String>>(&format!(
+                "SELECT permissions FROM keyhippo.verify_api_key('{key}')"
+            ))
+            .unwrap()
+            .unwrap()
+        };
+        assert_eq!(permissions(), vec!["manage_api_keys".to_string()]);
+        Spi::run("DELETE FROM keyhippo_rbac.user_group_roles").unwrap();
+        assert!(permissions().is_empty());
+    }
+
+    /// A JWT's user_role claim makes an admin only of the JWT's own subject, never of a key sent
+    /// beside it; a scoped key of an admin is not an admin's.
+    #[pg_test]
+    fn admin_status_never_travels_with_a_key() {
+        const USER_B: &str = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb";
+        Spi::run(&format!(
+            "INSERT INTO keyhippo_rbac.user_group_roles (user_id, group_id, role_id) \
+             SELECT '{USER_B}', r.group_id, r.id FROM keyhippo_rbac.roles r WHERE r.name = 'Admin'"
+        ))
+        .unwrap();
+        act_as(USER_A);
+        let (key_a, _) = create_key("a key");
+        act_as(USER_B);
+        let scoped_b = Spi::get_one::<String>(
+            "SELECT api_key FROM keyhippo.create_api_key('b scoped', 'default')",
+        )
+        .unwrap()
+        .unwrap();
+        let (key_b, _) = create_key("b key");
+        Spi::run("SET LOCAL ROLE authenticated").unwrap();
+        let is_admin = || {
+            Spi::get_one::<bool>("SELECT keyhippo_internal.caller_is_admin()")
+                .unwrap()
+                .unwrap()
+        };
+        Spi::run(&format!(
+            "SELECT set_config('request.jwt.claims', '{{\"sub\":\"{USER_A}\",\"user_role\":\"admin\"}}', true)"
+        ))
+        .unwrap();
+        assert!(is_admin(), "the claim counts for the JWT's own sub");
+        set_header_key(&key_a);
+        assert!(!is_admin(), "not for a key sent beside it");
+        Spi::run("SELECT set_config('request.jwt.claims', '', true)").unwrap();
+        set_header_key(&scoped_b);
+        assert!(!is_admin(), "a scoped key of an admin");
+        set_header_key(&key_b);
+        assert!(is_admin(), "an unscoped key of an admin");
+        Spi::run("RESET ROLE").unwrap();
+    }
+
+    #[pg_test]
+    fn error_messages_cut_long_names() {
+        assert_eq!(crate::error::echo("ops"), "ops");
+        assert_eq!(crate::error::echo("a\"b"), "a\\\"b");
+        let long = "x".repeat(100_000);
+        assert_eq!(crate::error::echo(&long), format!("{}...", "x".repeat(64)));
+    }
+
     /// verify finds a prefix, and then the hash by key id, through hash indexes, which return
     /// every row whose value has the same 32-bit hash code: two keys whose prefixes collide
     /// and whose ids collide must each verify as themselves (whichever comes first in the
@@ -615,21 +695,26 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        let descriptions = [
-            "NULL".to_string(),
-            "'d'".to_string(),
-            "repeat('x', 200)".to_string(),
-            "repeat('compressed ', 1000)".to_string(),
-            "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 3000) i)".to_string(),
+        // Descriptions of every length the table allows, and claims stored inline, compressed
+        // and out of line.
+        let shapes = [
+            ("NULL", "'{\"k\": \"v\"}'"),
+            ("'d'", "'{\"k\": \"v\"}'"),
+            ("repeat('x', 200)", "'{\"k\": \"v\"}'"),
+            ("repeat('y', 255)", "jsonb_build_object('k', repeat('compressed ', 1000))"),
+            (
+                "'out of line'",
+                "jsonb_build_object('k', (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 3000) i))",
+            ),
         ];
-        for (n, description) in descriptions.iter().enumerate() {
+        for (n, (description, claims)) in shapes.iter().enumerate() {
             for scope_id in ["NULL".to_string(), format!("'{scope}'")] {
                 let id = Spi::get_one::<pgrx::Uuid>(&format!(
                     "INSERT INTO keyhippo.api_key_metadata \
                        (user_id, scope_id, description, prefix, last_used_at, claims) \
                      SELECT user_id, {scope_id}, {description}, \
                             'kh_shape' || {n} || coalesce(left({scope_id}::text, 4), 'none'), \
-                            '2030-01-01 00:00:00+00', '{{\"k\": \"v\"}}' \
+                            '2030-01-01 00:00:00+00', {claims} \
                        FROM keyhippo.api_key_metadata WHERE id = '{a}' RETURNING id"
                 ))
                 .unwrap()
@@ -667,7 +752,7 @@ mod tests {
               WHERE oid = 'keyhippo.api_key_metadata'::regclass",
         )
         .unwrap();
-        assert_eq!(toasted, Some(true), "no description stored out of line");
+        assert_eq!(toasted, Some(true), "no claims stored out of line");
         // A use recorded at a tuple id that now holds another key's row is not written there.
         let (_, b) = create_key("other");
         Spi::run(&format!(
