@@ -38,13 +38,15 @@ pub fn setting(name: &str) -> Option<String> {
 }
 
 type Claims = serde_json::Map<String, serde_json::Value>;
+/// A `request.jwt.claims` text and what it parsed to (None: not a JSON object).
+type ParsedClaims = (Vec<u8>, Option<Rc<Claims>>);
 
 thread_local! {
     /// The last `request.jwt.claims` text this backend parsed, and what it parsed to. A pooled
     /// PostgREST connection sets the same claims for every statement of a request, and
     /// create, authorize and the RLS helpers each ask for them: the text is compared, not
     /// parsed again.
-    static CLAIMS: RefCell<Option<(Vec<u8>, Option<Rc<Claims>>)>> = const { RefCell::new(None) };
+    static CLAIMS: RefCell<Option<ParsedClaims>> = const { RefCell::new(None) };
 }
 
 /// The claims of the request's JWT as JSON, if any are set and parse as a JSON object.
@@ -349,6 +351,9 @@ fn key_data() -> Result<Option<JsonB>> {
 
 /// The identity of the current request: from a valid key in the `x-api-key` header, else the
 /// JWT `sub`, else an active impersonation. Zero rows for an anonymous request.
+// The row type must be spelled out with `name!` in the signature: pgrx reads the column names
+// from it to write the SQL declaration, so it cannot be a type alias.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn current_user_context() -> TableIterator<
