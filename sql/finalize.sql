@@ -338,7 +338,7 @@ BEGIN
         IF pg_catalog.octet_length(new_claims::text) > 65536 THEN
             RAISE EXCEPTION 'keyhippo: new_claims is larger than 65536 bytes' USING ERRCODE = '22023';
         END IF;
-        IF pg_catalog.jsonb_path_exists(new_claims, 'strict $.**{32 to last}') THEN
+        IF NOT keyhippo_internal.claims_ok(new_claims) THEN
             RAISE EXCEPTION 'keyhippo: new_claims is nested more than 32 levels deep'
                 USING ERRCODE = '22023';
         END IF;
@@ -379,6 +379,18 @@ BEGIN
     RESET ROLE;
 END
 $$;
+
+-- Row rules -------------------------------------------------------------------------------------
+
+-- The description and claims rules hold on every write path, not only in create_api_key and
+-- update_key_claims: the expiry notification and the audit trail rely on them. In Rust (a
+-- function call each, no regular expression or JSON path to set up for every INSERT): at most
+-- 255 characters of [a-zA-Z0-9_ -]; a JSON object holding no value more than 31 levels below it.
+ALTER TABLE keyhippo.api_key_metadata
+    ADD CONSTRAINT api_key_metadata_description_check
+        CHECK (keyhippo_internal.description_ok(description)),
+    ADD CONSTRAINT api_key_metadata_claims_check
+        CHECK (keyhippo_internal.claims_ok(claims));
 
 -- Revocation ------------------------------------------------------------------------------------
 
@@ -769,6 +781,9 @@ GRANT EXECUTE ON FUNCTION keyhippo_internal.caller_is_admin() TO anon, authentic
 GRANT EXECUTE ON FUNCTION keyhippo_internal.has_permission(text) TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.jwt_user_role() TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.header_key_valid() TO anon, authenticated, service_role;
+-- The CHECK constraints of api_key_metadata call these with the writer's rights.
+GRANT EXECUTE ON FUNCTION keyhippo_internal.description_ok(text) TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.claims_ok(jsonb) TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.require_permission(keyhippo.app_permission)
     TO authenticated, service_role;
 

@@ -81,22 +81,21 @@ const SCOPED_PERMISSIONS: Plan = Plan {
 // a key that exists but is another user's and a key that does not exist go through the very
 // same statements, so neither the result nor the time taken tells them apart.
 
-/// Revokes a key the caller owns (or any key, for an admin). The secret hash is deleted by the
+/// Revokes a key the caller owns (or any key, for an admin), and says whether the caller may see
+/// the key at all, in one statement: (revoked now, visible). The secret hash is deleted by the
 /// AFTER UPDATE trigger, so revoking by a direct UPDATE of is_revoked/revoked_at works the same.
+/// (The visibility test reads the snapshot the UPDATE started from: the row as it was.)
 const REVOKE: Plan = Plan {
-    sql: "UPDATE keyhippo.api_key_metadata m \
-             SET is_revoked = true, revoked_at = pg_catalog.now() \
-           WHERE m.id = $1 AND NOT m.is_revoked AND (m.user_id = $2 OR $3) \
-          RETURNING m.id",
+    sql: "WITH r AS ( \
+            UPDATE keyhippo.api_key_metadata m \
+               SET is_revoked = true, revoked_at = pg_catalog.now() \
+             WHERE m.id = $1 AND NOT m.is_revoked AND (m.user_id = $2 OR $3) \
+            RETURNING m.id) \
+          SELECT EXISTS (SELECT 1 FROM r), \
+                 EXISTS (SELECT 1 FROM keyhippo.api_key_metadata m \
+                          WHERE m.id = $1 AND (m.user_id = $2 OR $3))",
     args: &[types::UUID, types::UUID, types::BOOL],
     mutating: true,
-};
-
-const KEY_VISIBLE: Plan = Plan {
-    sql: "SELECT m.is_revoked FROM keyhippo.api_key_metadata m \
-           WHERE m.id = $1 AND (m.user_id = $2 OR $3)",
-    args: &[types::UUID, types::UUID, types::BOOL],
-    mutating: false,
 };
 
 const ROTATE_SOURCE: Plan = Plan {
@@ -153,6 +152,89 @@ impl Manager {
     fn args(&self, key: Uuid) -> [DatumWithOid<'static>; 3] {
         [key.into(), self.user.into(), self.is_admin.into()]
     }
+}
+
+/// The description rules: at most [`MAX_DESCRIPTION_LEN`] characters of `[a-zA-Z0-9_ -]`.
+pub(crate) fn description_is_valid(d: &str) -> bool {
+    d.len() <= MAX_DESCRIPTION_LEN
+        && d.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b' ' || c == b'-')
+}
+
+/// Deepest level at which claims may hold a value: the top-level object's values are at level 1.
+const MAX_CLAIMS_LEVEL: i32 = 31;
+
+/// Whether a jsonb is a JSON object holding no value deeper than [`MAX_CLAIMS_LEVEL`], walked with
+/// PostgreSQL's jsonb iterator (no recursion, whatever the depth).
+///
+/// # Safety
+/// `jsonb` points to a detoasted jsonb.
+unsafe fn claims_shape_is_valid(jsonb: *mut pg_sys::Jsonb) -> bool {
+    use pg_sys::JsonbIteratorToken::{
+        WJB_BEGIN_ARRAY, WJB_BEGIN_OBJECT, WJB_DONE, WJB_ELEM, WJB_END_ARRAY, WJB_END_OBJECT,
+        WJB_VALUE,
+    };
+    unsafe {
+        let header = (*jsonb).root.header;
+        if header & pg_sys::JB_FOBJECT == 0 || header & pg_sys::JB_FSCALAR != 0 {
+            return false;
+        }
+        let mut it = pg_sys::JsonbIteratorInit(&raw mut (*jsonb).root);
+        let mut value: pg_sys::JsonbValue = std::mem::zeroed();
+        // How many containers the iterator is inside: the level of the values it returns.
+        let mut depth = 0;
+        loop {
+            match pg_sys::JsonbIteratorNext(&mut it, &mut value, false) {
+                WJB_DONE => return true,
+                WJB_BEGIN_ARRAY | WJB_BEGIN_OBJECT => {
+                    if depth > MAX_CLAIMS_LEVEL {
+                        return false;
+                    }
+                    depth += 1;
+                }
+                WJB_END_ARRAY | WJB_END_OBJECT => depth -= 1,
+                WJB_VALUE | WJB_ELEM if depth > MAX_CLAIMS_LEVEL => return false,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `keyhippo_internal.claims_ok(jsonb)`: the claims rule of the table's CHECK constraint
+/// (sql/finalize.sql). A hand-written V1 function: pgrx's conversion of a jsonb argument goes
+/// through JSON text and a parser with a recursion limit, the very documents this refuses.
+#[pg_guard]
+#[no_mangle]
+pub unsafe extern "C-unwind" fn keyhippo_claims_ok(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: called through the V1 convention with one non-NULL jsonb argument (STRICT).
+    unsafe {
+        let arg = pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, 0);
+        let jsonb = pg_sys::pg_detoast_datum(arg.cast_mut_ptr()) as *mut pg_sys::Jsonb;
+        pg_sys::Datum::from(claims_shape_is_valid(jsonb))
+    }
+}
+
+v1_function_info!(pg_finfo_keyhippo_claims_ok);
+
+extension_sql!(
+    r#"
+CREATE FUNCTION keyhippo_internal.claims_ok(claims jsonb) RETURNS boolean
+    LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
+    AS 'MODULE_PATHNAME', 'keyhippo_claims_ok';
+COMMENT ON FUNCTION keyhippo_internal.claims_ok(jsonb) IS
+    'Whether claims are a JSON object holding no value more than 31 levels below it.';
+"#,
+    name = "claims_ok",
+    requires = ["bootstrap"]
+);
+
+/// `keyhippo_internal.description_ok(text)`: the description rule of the table's CHECK
+/// constraint (sql/finalize.sql), the same create_api_key applies.
+#[pg_extern(immutable, strict, parallel_safe, schema = "keyhippo_internal")]
+fn description_ok(description: &str) -> bool {
+    description_is_valid(description)
 }
 
 pub(crate) fn validate_description(description: Option<&str>) -> Result<&str> {
@@ -944,9 +1026,9 @@ fn revoke_impl(api_key_id: Option<Uuid>) -> Result<bool> {
     })?;
     let manager = Manager::current()?;
     Spi::connect_mut(|client| {
-        let revoked = !REVOKE.run(client, &manager.args(id))?.is_empty();
-        // Run whatever the outcome, so that every call runs the same statements.
-        let visible = !KEY_VISIBLE.run(client, &manager.args(id))?.is_empty();
+        let row = REVOKE.run(client, &manager.args(id))?.first();
+        let revoked = row.get::<bool>(1)?.unwrap_or(false);
+        let visible = row.get::<bool>(2)?.unwrap_or(false);
         match (revoked, visible) {
             (true, _) => Ok(true),
             (false, true) => Ok(false),

@@ -162,6 +162,21 @@ update keyhippo.api_key_metadata set description = 'semi;colon' where id = :'k1'
 \echo :LAST_ERROR_SQLSTATE
 rollback to savepoint s;
 reset role;
+-- Claims too, for service_role's direct writes: a JSON object, no value deeper than 31 levels.
+set local role service_role;
+update keyhippo.api_key_metadata set claims = '[1]' where id = :'k1';
+\echo :LAST_ERROR_SQLSTATE
+rollback to savepoint s;
+set local role service_role;
+update keyhippo.api_key_metadata
+   set claims = (repeat('{"a":', 32) || '1' || repeat('}', 32))::jsonb where id = :'k1';
+\echo :LAST_ERROR_SQLSTATE
+rollback to savepoint s;
+set local role service_role;
+update keyhippo.api_key_metadata
+   set claims = (repeat('{"a":[', 15) || '{}' || repeat(']}', 15))::jsonb where id = :'k1';
+select count(*) as deep_but_allowed from keyhippo.api_key_metadata where claims ? 'a';
+reset role;
 -- Both keys drift into the window unreported; reporting the first one fails.
 update keyhippo_internal.config set value = 'false' where key = 'enable_key_expiry_notifications';
 update keyhippo.api_key_metadata set expires_at = now() + interval '1 hour' where id in (:'k1', :'k2');
