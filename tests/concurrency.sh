@@ -159,25 +159,32 @@ check "... and no key" 0 "$(keys_of $U4)"
 
 # 7. No statement that starts after a revocation or a permission change commits acts on the old
 #    state, whatever the isolation level, with the verified-key cache on (this cluster) and under
-#    load: pgbench verifies another key from two connections meanwhile.
+#    load: pgbench verifies another key from two connections meanwhile. (The other session acts
+#    0.8 s in, well inside the 2 s the first one waits.)
 read -r lkey _ <<<"$(new_key "7 load")"
 echo "SELECT count(*) FROM keyhippo.verify_api_key('$lkey');" >"$WORK/load.sql"
-"$PGBIN/pgbench" -n -M prepared -c 2 -j 2 -T 14 -f "$WORK/load.sql" kh >"$WORK/load.log" 2>&1 &
+"$PGBIN/pgbench" -n -M prepared -c 2 -j 2 -T 20 -f "$WORK/load.sql" kh >"$WORK/load.log" 2>&1 &
 load_pid=$!
 lines() { grep -v '^$' "$1" | tr '\n' ' ' | sed 's/ $//'; }
 # 7a. A REPEATABLE READ transaction took its snapshot before the revocation committed: inside it
 #     the key verifies (right for its snapshot); after its COMMIT, never again in that backend.
 read -r key id <<<"$(new_key "7a")"
-q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "BEGIN ISOLATION LEVEL REPEATABLE READ"   -c "SELECT 'snapshot'" -c "SELECT pg_sleep(1)" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')"   -c "COMMIT" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')"   -c "SELECT pg_sleep(0.5)" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >"$WORK/7a" 2>&1 &
-sleep 0.4
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "BEGIN ISOLATION LEVEL REPEATABLE READ" \
+  -c "SELECT 'snapshot'" -c "SELECT pg_sleep(2)" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" \
+  -c "COMMIT" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" \
+  -c "SELECT pg_sleep(0.5)" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >"$WORK/7a" 2>&1 &
+sleep 0.8
 q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >/dev/null
 wait "$!"
 check "REPEATABLE READ across a revocation: before, inside, after commit, later" "1 snapshot 1 0 0" "$(lines "$WORK/7a")"
 # 7b. READ COMMITTED: the revocation commits while a statement that verifies the key sleeps
 #     (its snapshot is older than the revocation); the next statements refuse the key.
 read -r key id <<<"$(new_key "7b")"
-q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')"   -c "SELECT (SELECT count(*) FROM keyhippo.verify_api_key('$key')) >= 0 FROM (SELECT pg_sleep(1) OFFSET 0) s"   -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')"   -c "SELECT pg_sleep(0.5)" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >"$WORK/7b" 2>&1 &
-sleep 0.4
+q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" \
+  -c "SELECT (SELECT count(*) FROM keyhippo.verify_api_key('$key')) >= 0 FROM (SELECT pg_sleep(2) OFFSET 0) s" \
+  -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" \
+  -c "SELECT pg_sleep(0.5)" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >"$WORK/7b" 2>&1 &
+sleep 0.8
 q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >/dev/null
 wait "$!"
 check "READ COMMITTED, revoked during a verifying statement: before, during, next, later" "1 t 0 0" "$(lines "$WORK/7b")"
@@ -185,8 +192,11 @@ check "READ COMMITTED, revoked during a verifying statement: before, during, nex
 #     REPEATABLE READ transactions is open; after that COMMIT, authorize and the context say so.
 U5=b0000000-0000-4000-8000-000000000005
 new_user "$U5"
-q -c "$(as_user $U5)" -c "SELECT keyhippo.authorize('manage_api_keys')" -c "BEGIN ISOLATION LEVEL REPEATABLE READ"   -c "SELECT 'snapshot'" -c "SELECT pg_sleep(1)" -c "SELECT keyhippo.authorize('manage_api_keys')" -c "COMMIT"   -c "SELECT keyhippo.authorize('manage_api_keys')"   -c "SELECT coalesce(nullif(array_to_string(permissions, ','), ''), 'none') FROM keyhippo.current_user_context()" >"$WORK/7c" 2>&1 &
-sleep 0.4
+q -c "$(as_user $U5)" -c "SELECT keyhippo.authorize('manage_api_keys')" -c "BEGIN ISOLATION LEVEL REPEATABLE READ" \
+  -c "SELECT 'snapshot'" -c "SELECT pg_sleep(2)" -c "SELECT keyhippo.authorize('manage_api_keys')" -c "COMMIT" \
+  -c "SELECT keyhippo.authorize('manage_api_keys')" \
+  -c "SELECT coalesce(nullif(array_to_string(permissions, ','), ''), 'none') FROM keyhippo.current_user_context()" >"$WORK/7c" 2>&1 &
+sleep 0.8
 q -c "DELETE FROM keyhippo_rbac.user_group_roles WHERE user_id = '$U5'" >/dev/null
 wait "$!"
 # (The first f: as_user's set_config line.)
@@ -214,9 +224,9 @@ check "revoke while a verifying transaction is open: not held up" t "$out"
 # 8b. REPEATABLE READ: another session records a use of the key after the snapshot; verify
 #     answers, and the commit succeeds (its own use, which would conflict, is dropped).
 read -r key id <<<"$(new_key2 "8b")"
-q -d kh2 -v VERBOSITY=verbose -c "BEGIN ISOLATION LEVEL REPEATABLE READ" -c "SELECT 'snapshot'" -c "SELECT pg_sleep(1)" \
+q -d kh2 -v VERBOSITY=verbose -c "BEGIN ISOLATION LEVEL REPEATABLE READ" -c "SELECT 'snapshot'" -c "SELECT pg_sleep(2)" \
   -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "COMMIT" -c "SELECT 'committed'" >"$WORK/8b" 2>&1 &
-sleep 0.4
+sleep 0.8
 q -d kh2 -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" >/dev/null
 wait "$!"
 check "REPEATABLE READ verify after a concurrent use: answers and commits" "snapshot 1 committed" "$(lines "$WORK/8b")"
@@ -224,9 +234,9 @@ check "... the other session's use recorded" t \
     "$(q -d kh2 -c "SELECT last_used_at IS NOT NULL FROM keyhippo.api_key_metadata WHERE id = '$id'")"
 # 8c. The same after a concurrent revocation: the snapshot still shows the key; no error.
 read -r key id <<<"$(new_key2 "8c")"
-q -d kh2 -v VERBOSITY=verbose -c "BEGIN ISOLATION LEVEL REPEATABLE READ" -c "SELECT 'snapshot'" -c "SELECT pg_sleep(1)" \
+q -d kh2 -v VERBOSITY=verbose -c "BEGIN ISOLATION LEVEL REPEATABLE READ" -c "SELECT 'snapshot'" -c "SELECT pg_sleep(2)" \
   -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" -c "COMMIT" -c "SELECT 'committed'" >"$WORK/8c" 2>&1 &
-sleep 0.4
+sleep 0.8
 q -d kh2 -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" >/dev/null
 wait "$!"
 check "REPEATABLE READ verify after a concurrent revocation: answers and commits" "snapshot 1 committed" "$(lines "$WORK/8c")"
