@@ -10,9 +10,10 @@ deps:
 build: deps
 	cargo build --release
 
-## Build and install the extension into the system's Postgres 15.
+## Build and install the extension into the system's Postgres 15 (each file renamed into place:
+## safe on a running server; restart it before ALTER EXTENSION keyhippo UPDATE).
 install: deps
-	cargo pgrx install --release --pg-config $(PG_CONFIG)
+	PG_CONFIG=$(PG_CONFIG) bin/install
 
 ## A throwaway cluster with a Supabase-shaped database, the extension, and a short demo.
 run: install
