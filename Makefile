@@ -27,7 +27,7 @@ stop:
 test: deps
 	bin/test
 
-## The benchmark (SPEC 6): BENCH_KEYS=1000000 for the large run.
+## The benchmark (figures and ratios in one run, see BENCHMARKS.md): BENCH_KEYS=1000000 for the large run.
 bench: install
 	BENCH_KEYS=$(BENCH_KEYS) bench/run.sh
 

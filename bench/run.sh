@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make bench: keyhippo's performance, measured in one run on a throwaway cluster (SPEC 6).
+# make bench: keyhippo's performance, measured in one run on a throwaway cluster (BENCHMARKS.md).
 #
 #   BENCH_KEYS    keys created (default 100000; 1000000 for the large run)
 #   BENCH_ROUNDS  rounds of each pgbench measurement; medians are reported (default 5)

@@ -1,4 +1,4 @@
--- keyhippo bootstrap: every schema, type, table and index of the data model (SPEC 2).
+-- keyhippo bootstrap: every schema, type, table and index of the data model.
 -- Runs before the Rust functions are created. Policies, grants, triggers and defaults that call
 -- those functions are in finalize.sql.
 

@@ -252,8 +252,8 @@ sleep 0.3
 q -c "CALL keyhippo_impersonation.login_as_user('$U6')" -c "SELECT user_id FROM keyhippo.current_user_context()" \
   -c "CALL keyhippo_impersonation.logout()" >"$WORK/9b" 2>&1
 wait "$!"
-check "second session acts as its own user" "$U6" "$(lines "$WORK/9b")"
-check "first session still acts as its user, and logs out" "$USER_A logged out" "$(lines "$WORK/9a")"
+check "second connection acts as its own user" "$U6" "$(lines "$WORK/9b")"
+check "first connection still acts as its user, and logs out" "$USER_A logged out" "$(lines "$WORK/9a")"
 
 echo "concurrency: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
