@@ -260,7 +260,8 @@ update keyhippo.api_key_metadata set description = 'renamed' where id = :'id';
 select keyhippo.revoke_api_key(:'id');
 reset role;
 select action, data -> 'new_data' ->> 'description' as description, function_name
-  from keyhippo.audit_log where table_name = 'api_key_metadata' order by "timestamp", id;
+  from keyhippo.audit_log where table_name = 'api_key_metadata'
+ order by action, function_name nulls first; -- (one transaction: one timestamp)
 rollback;
 
 \echo '--- 10, 11. caller errors: specific SQLSTATEs, plain messages, bounded JWT lifetimes'
