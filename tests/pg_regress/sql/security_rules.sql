@@ -214,7 +214,7 @@ update keyhippo.api_key_metadata set revoked_at = now() where id = :'id3';
 reset session_replication_role;
 select m.description, m.is_revoked, m.revoked_at is not null as revoked_at_set,
        exists (select 1 from keyhippo.api_key_secrets s where s.key_metadata_id = m.id) as hash_kept
-  from keyhippo.api_key_metadata m order by m.created_at;
+  from keyhippo.api_key_metadata m order by m.description;
 select (select count(*) from keyhippo.verify_api_key(:'key1')) as one_verifies,
        (select count(*) from keyhippo.verify_api_key(:'key2')) as two_verifies,
        (select count(*) from keyhippo.verify_api_key(:'key3')) as three_verifies;
