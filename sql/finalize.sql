@@ -420,27 +420,8 @@ CREATE TRIGGER keyhippo_sync_revocation
 -- Also for writes made with session_replication_role = replica (a logical replication
 -- subscriber, a superuser's session): a revocation is a revocation however it arrives. (This
 -- trigger, keyhippo_delete_revoked_secret and keyhippo_cache_update do nothing when only
--- last_used_at changes; the background worker relies on that: src/usage_writer.rs.)
+-- last_used_at changes, so recording a use costs no more than the row update.)
 ALTER TABLE keyhippo.api_key_metadata ENABLE ALWAYS TRIGGER keyhippo_sync_revocation;
-
--- last_used_at never moves back. The background worker overwrites a key row's last_used_at
--- where it is (README, "How the worker writes"); an UPDATE that read the row just before such an
--- overwrite would otherwise write the earlier time back with its new row version. OLD here is
--- the row as locked for the update, overwrites included (none can happen once it is locked).
-CREATE FUNCTION keyhippo_internal.keep_last_used() RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    NEW.last_used_at := OLD.last_used_at;
-    RETURN NEW;
-END
-$$;
-
-CREATE TRIGGER keyhippo_keep_last_used
-    BEFORE UPDATE ON keyhippo.api_key_metadata
-    FOR EACH ROW WHEN (OLD.last_used_at > NEW.last_used_at)
-    EXECUTE FUNCTION keyhippo_internal.keep_last_used();
 
 -- A revoked key's hash is deleted, so nothing can verify against it again: whichever of
 -- is_revoked and revoked_at an UPDATE sets (or both), in every replication role.
@@ -763,6 +744,14 @@ CREATE POLICY audit_log_admin ON keyhippo.audit_log
 CREATE POLICY config_service_role ON keyhippo_internal.config
     FOR ALL TO service_role USING (true) WITH CHECK (true);
 
+-- What the background workers that write key uses are doing, per database (server-wide: the
+-- workers serve every database). For operators: the database owner and service_role.
+CREATE VIEW keyhippo.worker_status AS
+    SELECT database, served, pending_uses, writer_pid, last_write, uses_written, last_error
+      FROM keyhippo_internal.worker_status();
+COMMENT ON VIEW keyhippo.worker_status IS
+    'keyhippo''s background writing of last_used_at, per database: served (uses written by the workers), uses waiting, the writer connected now, the last write, uses written since the server started, the last error.';
+
 -- Grants ----------------------------------------------------------------------------------------
 
 -- Nothing is executable by PUBLIC unless granted below.
@@ -842,6 +831,8 @@ GRANT SELECT ON keyhippo.audit_log TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.update_expiring_keys() TO service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.purge_audit_log() TO service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.flush_key_usage() TO service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.worker_status() TO service_role;
+GRANT SELECT ON keyhippo.worker_status TO service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.enable_audit_log_notify() TO service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.disable_audit_log_notify() TO service_role;
 -- The audit trigger runs keyhippo_internal.calling_function() as the definer; nobody else needs it.

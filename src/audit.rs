@@ -104,19 +104,14 @@ const INSERT_AUDIT: Plan = Plan {
     mutating: true,
 };
 
-unsafe extern "C-unwind" {
-    /// Postgres' `row_to_json(record)`, called directly (pgrx's binding is a Rust wrapper).
-    #[link_name = "row_to_json"]
-    fn row_to_json_v1(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
-}
-
 /// A row as JSON, column names as keys, values as `to_jsonb` renders them.
 unsafe fn row_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> Result<Value> {
     unsafe {
         let record = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
-        let json =
-            pg_sys::DirectFunctionCall1Coll(Some(row_to_json_v1), pg_sys::InvalidOid, record);
-        let text = <&str as pgrx::FromDatum>::from_datum(json, false).unwrap_or("null");
+        let json = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::row_to_json, &[Some(record)]);
+        let text = json
+            .and_then(|json| <&str as pgrx::FromDatum>::from_datum(json, false))
+            .unwrap_or("null");
         serde_json::from_str(text)
             .map_err(|e| KeyhippoError::Internal(format!("keyhippo: audit row: {e}")))
     }
@@ -212,11 +207,8 @@ unsafe fn only_last_used_at_differs(
 ) -> bool {
     unsafe {
         let natts = (*desc).natts as usize;
-        (*desc)
-            .attrs
-            .as_slice(natts)
-            .iter()
-            .enumerate()
+        (0..natts)
+            .map(|i| (i, crate::compat::attr(desc, i)))
             .all(|(i, a)| {
                 if a.attisdropped
                     || std::ffi::CStr::from_ptr(a.attname.data.as_ptr()) == c"last_used_at"
@@ -228,20 +220,34 @@ unsafe fn only_last_used_at_differs(
                 let o = pg_sys::heap_getattr(old, attnum, desc, &mut old_null);
                 let n = pg_sys::heap_getattr(new, attnum, desc, &mut new_null);
                 old_null == new_null
-                    && (old_null || datumIsEqual(o, n, a.attbyval, a.attlen as i32))
+                    && (old_null || same_bytes(o, n, a.attbyval, a.attlen))
             })
     }
 }
 
-unsafe extern "C-unwind" {
-    /// utils/datum.h (not in pgrx's bindings): binary equality of two values of one type. Reads
-    /// the values only; raises nothing.
-    fn datumIsEqual(
-        value1: pg_sys::Datum,
-        value2: pg_sys::Datum,
-        typ_by_val: bool,
-        typ_len: std::ffi::c_int,
-    ) -> bool;
+/// Whether two values of one type have the same stored bytes (what `datumIsEqual` compares):
+/// by-value types compare their datums, others their bytes as stored (a varlena with its header,
+/// a cstring with its terminator).
+///
+/// # Safety
+/// Both datums of the type described by `by_val` and `len`.
+unsafe fn same_bytes(a: pg_sys::Datum, b: pg_sys::Datum, by_val: bool, len: i16) -> bool {
+    unsafe {
+        if by_val {
+            return a == b;
+        }
+        let size = |d: pg_sys::Datum| -> usize {
+            match len {
+                n if n > 0 => n as usize,
+                -1 => pgrx::varlena::varsize_any(d.cast_mut_ptr()),
+                _ => std::ffi::CStr::from_ptr(d.cast_mut_ptr()).count_bytes() + 1,
+            }
+        };
+        let (size_a, size_b) = (size(a), size(b));
+        size_a == size_b
+            && std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), size_a)
+                == std::slice::from_raw_parts(b.cast_mut_ptr::<u8>(), size_b)
+    }
 }
 
 /// Column `att` of a trigger's row.

@@ -30,7 +30,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::keys::VerifiedKey;
-use crate::usage_writer::Tid;
 use keyhippo_core::hash;
 
 static EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"keyhippo_cache_epoch") };
@@ -44,8 +43,6 @@ struct Entry {
     verified: VerifiedKey,
     expires_at_micros: i64,
     epoch: u64,
-    /// Where the key's row is (for recording its use).
-    tid: Tid,
     /// The key's last use this backend knows of (recorded, or read from its row; TimestampTz):
     /// a cached verify records a use only when this is an interval old, as verify does from
     /// the row's `last_used_at`.
@@ -119,11 +116,11 @@ pub fn init_shmem() {
 /// BENCHMARKS.md.
 pub static ENABLED: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(false);
 
-/// Whether this backend can cache at all: the shared counters exist and serve its database, and
+/// Whether this backend can cache at all: the shared counters exist (keyhippo is preloaded), and
 /// it is not a hot standby (WAL replay fires no trigger, so nothing would tell it of a change).
 fn enabled() -> bool {
     // SAFETY: reads shared recovery state.
-    crate::usage::worker_serves_this_database() && !unsafe { pg_sys::RecoveryInProgress() }
+    crate::usage::preloaded() && !unsafe { pg_sys::RecoveryInProgress() }
 }
 
 /// Whether verified keys themselves are cached (permissions are whenever [`enabled`]).
@@ -140,10 +137,10 @@ fn now_micros() -> i64 {
 
 /// A cached verification of `api_key` (whose lookup prefix is `prefix`), if one is valid now.
 /// `Some(None)` means the cache knows the key is invalid (wrong secret for a cached prefix).
-/// With the key, where its row is when its use at `now` (TimestampTz) is due to be recorded
+/// With the key, whether its use at `now` (TimestampTz) is due to be recorded
 /// ([`crate::usage::due`] from the last use the entry knows): the entry then counts it as
 /// recorded.
-pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedKey, Option<Tid>)>> {
+pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedKey, bool)>> {
     if !keys_enabled() {
         return None;
     }
@@ -161,7 +158,7 @@ pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedK
         if due {
             entry.used_at = now;
         }
-        Some(Some((entry.verified.clone(), due.then_some(entry.tid))))
+        Some(Some((entry.verified.clone(), due)))
     })
 }
 
@@ -206,15 +203,14 @@ fn unchanged_since(before: Option<u64>) -> Option<u64> {
     quiet.then_some(epoch)
 }
 
-/// Caches a lookup's result if nothing changed while it ran: the key, where its row is and
-/// its last known use (TimestampTz).
+/// Caches a lookup's result if nothing changed while it ran: the key and its last known use
+/// (TimestampTz).
 pub fn store(
     before: Option<u64>,
     prefix: &str,
     key_hash: &str,
     verified: &VerifiedKey,
     expires_at_micros: i64,
-    tid: Tid,
     used_at: i64,
 ) {
     if !keys_enabled() {
@@ -235,7 +231,6 @@ pub fn store(
                 verified: verified.clone(),
                 expires_at_micros,
                 epoch,
-                tid,
                 used_at,
             },
         );

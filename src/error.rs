@@ -20,8 +20,6 @@ pub enum KeyhippoError {
     NotFound(String),
     /// The object exists but is in the wrong state, e.g. rotating a revoked key (55000).
     WrongState(String),
-    /// A concurrent transaction changed what this one read; retry the transaction (40001).
-    SerializationFailure(String),
     /// A bug or an unexpected database condition (XX000).
     Internal(String),
 }
@@ -44,11 +42,6 @@ impl KeyhippoError {
             KeyhippoError::InvalidArgument(m) => (ERRCODE_INVALID_PARAMETER_VALUE, m, None),
             KeyhippoError::NotFound(m) => (ERRCODE_NO_DATA_FOUND, m, None),
             KeyhippoError::WrongState(m) => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, m, None),
-            KeyhippoError::SerializationFailure(m) => (
-                ERRCODE_T_R_SERIALIZATION_FAILURE,
-                m,
-                Some("Retry the transaction."),
-            ),
             KeyhippoError::Internal(m) => (ERRCODE_INTERNAL_ERROR, m, None),
         }
     }

@@ -11,7 +11,6 @@ use pgrx::{JsonB, Uuid};
 
 use crate::audit::function_scope;
 use crate::context::{self, scoped_permissions_of};
-use crate::direct_insert::LockedRow;
 use crate::error::{or_raise, KeyhippoError, Result};
 use crate::plans::{types, Plan};
 use keyhippo_core::{hash, token};
@@ -38,8 +37,7 @@ const SCOPE_ID: Plan = Plan {
     mutating: false,
 };
 
-/// A key row, its hash and the key row's audit row, in one statement: what `create` falls back
-/// to when `direct_insert` cannot be used. The audit row is what the audit trigger would write
+/// A key row, its hash and the key row's audit row, in one statement. The audit row is what the audit trigger would write
 /// (it skips this row: see `audit::self_audited`), built in Rust from the values inserted
 /// (`audit_jsonb`), so the statement needs no `RETURNING` row and no `to_jsonb`. The foreign
 /// key of the hash to the key row is checked at the end of the statement, when both are in.
@@ -267,9 +265,6 @@ fn key_not_found() -> KeyhippoError {
 /// What a new key row holds.
 struct NewKey<'a> {
     user_id: Uuid,
-    /// auth.users and its key column when this transaction holds a FOR KEY SHARE lock on the
-    /// owner's row (see [`check_owner_and_scope`]).
-    owner_locked: Option<LockedRow>,
     scope_id: Option<Uuid>,
     description: Option<&'a str>,
     claims: Option<JsonB>,
@@ -310,9 +305,6 @@ fn insert_key(
     let audit = unsafe { audit_jsonb(&row) };
     let audit_id = Uuid::from_bytes(keyhippo_core::uuid::new_v7());
     let _audited = crate::audit::self_audited(*id.as_bytes());
-    if insert_key_rows(&row, &key_hash, audit_id, audit, actor, key.owner_locked) {
-        return Ok((new_key.key, id));
-    }
     let timestamp = |micros: i64| TimestampWithTimeZone::try_from(micros).ok();
     // SAFETY: both are jsonb datums.
     let as_jsonb = |datum: pg_sys::Datum| unsafe { DatumWithOid::new(datum, pg_sys::JSONBOID) };
@@ -337,109 +329,16 @@ fn insert_key(
     Ok((new_key.key, id))
 }
 
-/// Writes the key row, its hash and its audit row through `direct_insert` (no statement to
-/// plan and start); false when the tables do not have the expected columns, and nothing was
-/// written.
-fn insert_key_rows(
-    row: &KeyRowValues<'_>,
-    key_hash: &str,
-    audit_id: Uuid,
-    audit: pg_sys::Datum,
-    actor: Option<Uuid>,
-    owner_locked: Option<LockedRow>,
-) -> bool {
-    use crate::direct_insert::{insert_rows, Parent, Reference, Row};
-    let Some((metadata, secrets, audit_log)) = crate::lookup::key_tables() else {
-        return false;
-    };
-    let timestamp = |micros: i64| Some(pg_sys::Datum::from(micros));
-    let metadata_values = [
-        (c"id", row.id.into_datum()),
-        (c"user_id", row.user_id.into_datum()),
-        (c"scope_id", row.scope_id.and_then(IntoDatum::into_datum)),
-        (
-            c"description",
-            row.description.and_then(IntoDatum::into_datum),
-        ),
-        (c"prefix", row.prefix.into_datum()),
-        (c"created_at", timestamp(row.created_at)),
-        (c"last_used_at", None),
-        (c"expires_at", timestamp(row.expires_at)),
-        (c"is_revoked", Some(pg_sys::Datum::from(false))),
-        (c"claims", Some(row.claims)),
-        (c"revoked_at", None),
-    ];
-    let secret_values = [
-        (c"key_metadata_id", row.id.into_datum()),
-        (c"key_hash", key_hash.into_datum()),
-    ];
-    let audit_values = [
-        (c"id", audit_id.into_datum()),
-        (c"timestamp", timestamp(row.created_at)),
-        (c"action", "INSERT".into_datum()),
-        (c"table_name", "api_key_metadata".into_datum()),
-        (c"data", Some(audit)),
-        (c"user_id", actor.and_then(IntoDatum::into_datum)),
-        (
-            c"function_name",
-            crate::audit::current_function().and_then(IntoDatum::into_datum),
-        ),
-    ];
-    // The owner's auth.users row, when check_owner_and_scope locked it as the foreign key's
-    // check would.
-    let owner_reference = owner_locked.map(|row| Reference {
-        column: c"user_id",
-        parent: Parent::Locked(row),
-    });
-    // SAFETY: keyhippo's own tables, from its SECURITY DEFINER functions (create, rotate),
-    // inside the calling statement's transaction and snapshot.
-    unsafe {
-        insert_rows(&[
-            Row {
-                table: metadata,
-                values: &metadata_values,
-                references: match &owner_reference {
-                    Some(reference) => std::slice::from_ref(reference),
-                    None => &[],
-                },
-            },
-            Row {
-                table: secrets,
-                values: &secret_values,
-                // The hash's key row is the row above.
-                references: &[Reference {
-                    column: c"key_metadata_id",
-                    parent: Parent::Earlier {
-                        row: 0,
-                        column: c"id",
-                    },
-                }],
-            },
-            Row {
-                table: audit_log,
-                values: &audit_values,
-                references: &[],
-            },
-        ])
-    }
-}
-
-unsafe extern "C-unwind" {
-    /// Postgres' jsonb input function, called directly (pgrx's binding is a Rust wrapper).
-    #[link_name = "jsonb_in"]
-    fn jsonb_in_v1(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
-}
-
 /// A jsonb datum from JSON text (raises 22P02 for malformed JSON, as a cast would).
 fn jsonb(text: &str) -> pg_sys::Datum {
     let text = std::ffi::CString::new(text).unwrap_or_default();
     // SAFETY: jsonb_in reads the NUL-terminated text and returns a palloc'd jsonb.
     unsafe {
-        pg_sys::DirectFunctionCall1Coll(
-            Some(jsonb_in_v1),
-            pg_sys::InvalidOid,
-            pg_sys::Datum::from(text.as_ptr()),
+        pgrx::fcinfo::direct_function_call_as_datum(
+            pg_sys::jsonb_in,
+            &[Some(pg_sys::Datum::from(text.as_ptr()))],
         )
+        .unwrap_or(pg_sys::Datum::from(0))
     }
 }
 
@@ -456,12 +355,6 @@ struct KeyRowValues<'a> {
     expires_at: i64,
 }
 
-unsafe extern "C-unwind" {
-    /// Postgres' `timestamptz + interval`, called directly (pgrx's binding is a Rust wrapper).
-    #[link_name = "timestamptz_pl_interval"]
-    fn timestamptz_pl_interval_v1(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
-}
-
 /// The column default of `expires_at`: `now() + interval '100 years'`, computed as Postgres
 /// computes it (months are added in the session's time zone).
 fn default_expiry(now: i64) -> i64 {
@@ -473,13 +366,14 @@ fn default_expiry(now: i64) -> i64 {
     // SAFETY: a built-in function called with a TimestampTz and a pointer to an Interval that
     // outlives the call; the result is a by-value TimestampTz.
     unsafe {
-        let sum = pg_sys::DirectFunctionCall2Coll(
-            Some(timestamptz_pl_interval_v1),
-            pg_sys::InvalidOid,
-            pg_sys::Datum::from(now),
-            pg_sys::Datum::from(std::ptr::addr_of_mut!(hundred_years)),
-        );
-        sum.value() as i64
+        pgrx::fcinfo::direct_function_call_as_datum(
+            pg_sys::timestamptz_pl_interval,
+            &[
+                Some(pg_sys::Datum::from(now)),
+                Some(pg_sys::Datum::from(std::ptr::addr_of_mut!(hundred_years))),
+            ],
+        )
+        .map_or(i64::MAX, |sum| sum.value() as i64)
     }
 }
 
@@ -711,7 +605,6 @@ fn create_api_key_impl(
         let owner = check_owner_and_scope(client, user, scope_name)?;
         let new = NewKey {
             user_id: user,
-            owner_locked: owner.locked,
             scope_id: owner.scope_id,
             description: Some(description),
             claims: None,
@@ -722,18 +615,15 @@ fn create_api_key_impl(
 }
 
 /// Checks that a new key's owner exists (in auth.users, when there is one) and resolves the
-/// scope name; an unknown scope is an error. Where auth.users has Supabase's shape the owner's
-/// row is also locked FOR KEY SHARE, as the foreign key check on the key row would (which then
-/// need not run again: see [`OwnerCheck::locked`]).
+/// scope name; an unknown scope is an error. (The key row's foreign key to auth.users, where
+/// there is one, then locks the owner's row as for any INSERT.)
 pub(crate) fn check_owner_and_scope(
     client: &pgrx::spi::SpiClient<'_>,
     user: Uuid,
     scope_name: Option<&str>,
 ) -> Result<OwnerCheck> {
-    use crate::lookup::UserRow;
-    // Every caller writes a key, and the row lock below is a write: refuse READ ONLY
-    // transactions and hot standbys here with the error an INSERT gets (25006), before
-    // anything is touched. (The direct write path makes no statement that would check it.)
+    // Every caller writes a key: refuse READ ONLY transactions and hot standbys here with the
+    // error an INSERT gets (25006), before anything is touched.
     let function = std::ffi::CString::new(crate::audit::current_function().unwrap_or("keyhippo"))
         .unwrap_or_default();
     // SAFETY: plain checks of transaction state; they raise an ERROR naming the function.
@@ -741,30 +631,11 @@ pub(crate) fn check_owner_and_scope(
         pg_sys::PreventCommandIfReadOnly(function.as_ptr());
         pg_sys::PreventCommandDuringRecovery(function.as_ptr());
     }
-    // One index probe and a row lock where auth.users has Supabase's shape; SQL otherwise
-    // (plain Postgres, or a differently shaped auth.users).
-    let (exists, locked) = match crate::lookup::lock_auth_user(user) {
-        Some(UserRow::Locked(row)) => (true, Some(row)),
-        Some(UserRow::Missing) => (false, None),
-        Some(UserRow::Conflict) => {
-            return Err(KeyhippoError::SerializationFailure(
-                "keyhippo: could not serialize access: the user was deleted or changed by a concurrent transaction".into(),
-            ))
-        }
-        Some(UserRow::Unexpected(result)) => {
-            return Err(KeyhippoError::Internal(format!(
-                "keyhippo: unexpected result {result} locking the user's row"
-            )))
-        }
-        None => {
-            let exists = USER_EXISTS
-                .run(client, &[user.into()])?
-                .first()
-                .get::<bool>(1)?
-                .unwrap_or(false);
-            (exists, None)
-        }
-    };
+    let exists = USER_EXISTS
+        .run(client, &[user.into()])?
+        .first()
+        .get::<bool>(1)?
+        .unwrap_or(false);
     if !exists {
         return Err(KeyhippoError::UnknownUser(
             "keyhippo: the authenticated user does not exist in auth.users".into(),
@@ -772,16 +643,12 @@ pub(crate) fn check_owner_and_scope(
     }
     Ok(OwnerCheck {
         scope_id: scope_id(client, scope_name)?,
-        locked,
     })
 }
 
 /// What [`check_owner_and_scope`] found.
 pub(crate) struct OwnerCheck {
     pub scope_id: Option<Uuid>,
-    /// auth.users and its key column, when the owner's row is locked FOR KEY SHARE by this
-    /// transaction.
-    pub locked: Option<LockedRow>,
 }
 
 /// The id of scope `scope_name` (None for no scope); an unknown scope is an error.
@@ -898,11 +765,11 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
     let now = crate::lookup::now();
     if let Some(cached) = crate::cache::lookup(&prefix, api_key, now) {
         return Ok(cached.map(|(verified, due)| {
-            if let Some(tid) = due {
-                // The cache is only on where the worker records uses (shared memory): nothing
-                // to fall back to when the buffer is full but the next use.
-                // A key the cache holds has been used before: its use is overwritten in place.
-                crate::usage::record(verified.id, tid, now, false);
+            if due
+                && !crate::usage::record(verified.id, now)
+                && crate::fallback_use::possible()
+            {
+                crate::fallback_use::record_at_commit(verified.id);
             }
             verified
         }));
@@ -953,8 +820,7 @@ fn verified_from_row(
         permissions,
     };
     let due = crate::usage::due(row.last_used_at, now);
-    let first = row.last_used_at.is_none();
-    if due && !crate::usage::record(row.id, row.tid, now, first) && crate::fallback_use::possible()
+    if due && !crate::usage::record(row.id, now) && crate::fallback_use::possible()
     {
         crate::fallback_use::record_at_commit(row.id);
     }
@@ -968,7 +834,6 @@ fn verified_from_row(
         &row.key_hash,
         &verified,
         row.expires_at + POSTGRES_EPOCH_MICROS,
-        row.tid,
         used_at,
     );
     Ok(Some(verified))
@@ -1085,7 +950,6 @@ fn rotate_impl(old_api_key_id: Option<Uuid>) -> Result<(String, Uuid)> {
         } else {
             let new = NewKey {
                 user_id: owner,
-                owner_locked: None,
                 scope_id,
                 description: description.as_deref(),
                 claims,

@@ -24,8 +24,8 @@ macro_rules! v1_function_info {
 
 mod audit;
 mod cache;
+mod compat;
 mod context;
-mod direct_insert;
 mod elevate;
 mod error;
 mod expiry;
@@ -36,7 +36,7 @@ mod keys;
 mod lookup;
 mod plans;
 mod usage;
-mod usage_writer;
+mod worker;
 
 /// Runs when the library is loaded: defines the GUCs and, when loaded through
 /// shared_preload_libraries, the shared buffer and background worker of `usage`.

@@ -7,14 +7,13 @@
 //! transaction as the executor would. When the extension's tables or indexes cannot be found
 //! (a broken installation) it returns `Err(())` and verify raises an internal error.
 //!
-//! The probes call PostgreSQL through [`raw`], inside one `pg_guard_ffi_boundary` for the whole
-//! lookup rather than pgrx's guard around each of its ~30 calls (a `sigsetjmp` each, about 4,000
-//! instructions per verify in all). The relations are resolved once per backend and forgotten
-//! by a relation-cache invalidation callback (DROP / CREATE EXTENSION, ALTER TABLE ...).
+//! Every call into PostgreSQL goes through pgrx's bindings (an ERROR raised inside becomes a Rust
+//! panic that unwinds through this code); the calls whose signature differs between major
+//! versions go through [`crate::compat`]. The relations are resolved once per backend and
+//! forgotten by a relation-cache invalidation callback (DROP / CREATE EXTENSION, ALTER TABLE ...).
 
 use pgrx::pg_sys;
 
-use crate::direct_insert::LockedRow;
 use std::cell::Cell;
 use std::ffi::CStr;
 
@@ -28,10 +27,6 @@ pub struct KeyRow {
     pub expires_at: i64,
     pub last_used_at: Option<i64>,
     pub is_revoked: bool,
-    /// Where the row is: the tuple id its index entries point to (the root of its HOT chain),
-    /// from which the background worker finds the row to write `last_used_at` without looking
-    /// the key up again.
-    pub tid: crate::usage_writer::Tid,
 }
 
 #[derive(Clone, Copy)]
@@ -69,88 +64,6 @@ thread_local! {
     static CALLBACKS_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// PostgreSQL functions declared without pgrx's per-call guard. Called only inside one
-/// `pg_guard_ffi_boundary` that covers a whole sequence of them: an ERROR raised by any of them
-/// longjmps to that boundary and continues as a Rust panic from there, so the code in between
-/// must own nothing that needs dropping (plain values and raw pointers only, no allocations,
-/// no borrows of Rust cells), exactly like the closure pgrx itself puts around each call.
-mod raw {
-    use pgrx::pg_sys::*;
-    use std::ffi::{c_char, c_int};
-    unsafe extern "C-unwind" {
-        pub fn table_open(relation_id: Oid, lockmode: LOCKMODE) -> Relation;
-        pub fn table_close(relation: Relation, lockmode: LOCKMODE);
-        pub fn index_open(relation_id: Oid, lockmode: LOCKMODE) -> Relation;
-        pub fn index_close(relation: Relation, lockmode: LOCKMODE);
-        pub fn GetActiveSnapshot() -> Snapshot;
-        pub fn GetTransactionSnapshot() -> Snapshot;
-        pub fn ScanKeyEntryInitialize(
-            entry: ScanKey,
-            flags: c_int,
-            attribute_number: AttrNumber,
-            strategy: StrategyNumber,
-            subtype: Oid,
-            collation: Oid,
-            procedure: RegProcedure,
-            argument: Datum,
-        );
-        pub fn index_beginscan(
-            heap: Relation,
-            index: Relation,
-            snapshot: Snapshot,
-            nkeys: c_int,
-            norderbys: c_int,
-        ) -> IndexScanDesc;
-        pub fn index_rescan(
-            scan: IndexScanDesc,
-            keys: ScanKey,
-            nkeys: c_int,
-            orderbys: ScanKey,
-            norderbys: c_int,
-        );
-        pub fn index_getnext_tid(
-            scan: IndexScanDesc,
-            direction: ScanDirection::Type,
-        ) -> ItemPointer;
-        pub fn index_fetch_heap(scan: IndexScanDesc, slot: *mut TupleTableSlot) -> bool;
-        pub fn index_endscan(scan: IndexScanDesc);
-        pub fn table_slot_create(rel: Relation, reglist: *mut *mut List) -> *mut TupleTableSlot;
-        pub fn ExecDropSingleTupleTableSlot(slot: *mut TupleTableSlot);
-        pub fn slot_getsomeattrs_int(slot: *mut TupleTableSlot, attnum: c_int);
-        pub fn visibilitymap_get_status(
-            rel: Relation,
-            block: BlockNumber,
-            vmbuf: *mut Buffer,
-        ) -> u8;
-        pub fn index_deform_tuple(
-            tup: IndexTuple,
-            desc: TupleDesc,
-            values: *mut Datum,
-            isnull: *mut bool,
-        );
-        /// storage/predicate.h: what an index-only scan takes on a heap page it did not read,
-        /// so SERIALIZABLE transactions still see conflicts with writers.
-        pub fn PredicateLockPage(relation: Relation, block: BlockNumber, snapshot: Snapshot);
-        pub fn ReleaseBuffer(buffer: Buffer);
-        pub fn cstring_to_text_with_len(s: *const c_char, len: c_int) -> *mut text;
-        pub fn pg_detoast_datum_packed(datum: *mut varlena) -> *mut varlena;
-        pub fn GetCurrentCommandId(used: bool) -> CommandId;
-        /// access/tableam.h's inline function, through pgrx's C shim.
-        #[link_name = "table_tuple_lock__pgrx_cshim"]
-        pub fn table_tuple_lock(
-            rel: Relation,
-            tid: ItemPointer,
-            snapshot: Snapshot,
-            slot: *mut TupleTableSlot,
-            cid: CommandId,
-            mode: LockTupleMode::Type,
-            wait_policy: LockWaitPolicy::Type,
-            flags: u8,
-            tmfd: *mut TM_FailureData,
-        ) -> TM_Result::Type;
-    }
-}
-
 unsafe fn relid(name: &CStr, namespace: pg_sys::Oid) -> pg_sys::Oid {
     unsafe { pg_sys::get_relname_relid(name.as_ptr(), namespace) }
 }
@@ -185,19 +98,11 @@ unsafe extern "C-unwind" fn forget_relations(_arg: pg_sys::Datum, relid: pg_sys:
     if relid == pg_sys::InvalidOid || RELS.with(Cell::get).is_some_and(|r| ours(&r)) {
         RELS.with(|r| r.set(None));
     }
-    if relid == pg_sys::InvalidOid
-        || AUTH_USERS
-            .with(Cell::get)
-            .is_some_and(|a| a.table == relid || a.pkey == relid)
-    {
-        AUTH_USERS.with(|a| a.set(None));
-    }
 }
 
 /// Schema invalidation (a schema renamed or dropped): forget everything resolved by name.
 unsafe extern "C-unwind" fn forget_schemas(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
     RELS.with(|r| r.set(None));
-    AUTH_USERS.with(|a| a.set(None));
 }
 
 /// Registers the invalidation callbacks, once per backend (PostgreSQL cannot unregister them).
@@ -289,29 +194,6 @@ unsafe fn hash_included(index: pg_sys::Oid, att: i16) -> bool {
     }
 }
 
-/// keyhippo.api_key_metadata, api_key_secrets and audit_log, when installed.
-pub fn key_tables() -> Option<(pg_sys::Oid, pg_sys::Oid, pg_sys::Oid)> {
-    // SAFETY: catalog lookups inside a transaction.
-    unsafe {
-        let rels = rels()?;
-        (rels.audit_log != pg_sys::InvalidOid).then_some((
-            rels.metadata,
-            rels.secrets,
-            rels.audit_log,
-        ))
-    }
-}
-
-/// keyhippo.api_key_metadata and the attribute numbers of its id and last_used_at, when
-/// installed.
-pub fn metadata_columns() -> Option<(pg_sys::Oid, pg_sys::AttrNumber, pg_sys::AttrNumber)> {
-    // SAFETY: catalog lookups inside a transaction.
-    unsafe {
-        let rels = rels()?;
-        Some((rels.metadata, rels.metadata_atts[0], rels.metadata_atts[3]))
-    }
-}
-
 /// The owner of a relation, InvalidOid when it does not exist.
 unsafe fn relation_owner(rel: pg_sys::Oid) -> pg_sys::Oid {
     unsafe {
@@ -342,7 +224,7 @@ const LOCK: pg_sys::LOCKMODE = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
 const NO_LOCK: pg_sys::LOCKMODE = pg_sys::NoLock as pg_sys::LOCKMODE;
 const FORWARD: pg_sys::ScanDirection::Type = pg_sys::ScanDirection::ForwardScanDirection;
 
-/// An index scan for one equality key, under `snapshot`. Only inside the lookup's boundary.
+/// An index scan for one equality key, under `snapshot`.
 struct Probe {
     heap: pg_sys::Relation,
     index: pg_sys::Relation,
@@ -361,8 +243,8 @@ impl Probe {
         want_index_tuple: bool,
     ) -> Probe {
         unsafe {
-            let heap = raw::table_open(table, LOCK);
-            let idx = raw::index_open(index, LOCK);
+            let heap = pg_sys::table_open(table, LOCK);
+            let idx = pg_sys::index_open(index, LOCK);
             let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
             // The key's collation must be the index's: B-tree descends with it.
             let collation = *(*idx).rd_indcollation;
@@ -371,7 +253,7 @@ impl Probe {
             } else {
                 pg_sys::BTEqualStrategyNumber
             };
-            raw::ScanKeyEntryInitialize(
+            pg_sys::ScanKeyEntryInitialize(
                 &mut key,
                 0,
                 1,
@@ -381,9 +263,9 @@ impl Probe {
                 pg_sys::Oid::from(eq_proc),
                 value,
             );
-            let scan = raw::index_beginscan(heap, idx, snapshot, 1, 0);
+            let scan = crate::compat::index_beginscan(heap, idx, snapshot, 1, 0);
             (*scan).xs_want_itup = want_index_tuple;
-            raw::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+            pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
             Probe {
                 heap,
                 index: idx,
@@ -394,10 +276,10 @@ impl Probe {
 
     unsafe fn end(self) {
         unsafe {
-            raw::index_endscan(self.scan);
+            pg_sys::index_endscan(self.scan);
             // Locks are kept to the end of the transaction, as the executor does.
-            raw::index_close(self.index, NO_LOCK);
-            raw::table_close(self.heap, NO_LOCK);
+            pg_sys::index_close(self.index, NO_LOCK);
+            pg_sys::table_close(self.heap, NO_LOCK);
         }
     }
 }
@@ -406,7 +288,7 @@ impl Probe {
 /// (`sha256$` / `sha512$` and hex digits) and are read as "no match".
 const HASH_MAX: usize = 256;
 
-/// The lookup's result as plain values, filled inside the boundary.
+/// The lookup's result as plain values.
 struct Found {
     id: [u8; 16],
     user_id: [u8; 16],
@@ -418,7 +300,6 @@ struct Found {
     hash_len: usize,
     /// Whether the stored hash was longer than [`HASH_MAX`].
     hash_too_long: bool,
-    tid: pg_sys::ItemPointerData,
 }
 
 unsafe fn uuid_bytes(datum: pg_sys::Datum) -> [u8; 16] {
@@ -427,7 +308,7 @@ unsafe fn uuid_bytes(datum: pg_sys::Datum) -> [u8; 16] {
 
 /// The key hash of key row `found.id` through the hash index on key_metadata_id: the bucket
 /// page, then the row (checked to be this key's: the index returns every row whose id has the
-/// same 32-bit hash code). Only inside the lookup's boundary.
+/// same 32-bit hash code).
 unsafe fn secret_hash_by_hash_index(
     rels: &Rels,
     snapshot: pg_sys::Snapshot,
@@ -435,7 +316,7 @@ unsafe fn secret_hash_by_hash_index(
 ) -> bool {
     unsafe {
         let id = found.id;
-        let read = |_: pg_sys::Relation, slot: *mut pg_sys::TupleTableSlot, _| {
+        let read = |slot: *mut pg_sys::TupleTableSlot| {
             if !slot_value(slot, rels.secrets_key_att).is_some_and(|d| uuid_bytes(d) == id) {
                 return None;
             }
@@ -460,21 +341,21 @@ unsafe fn secret_hash_by_hash_index(
 }
 
 /// Column `att` of the row in `slot` (None for NULL), deforming the row that far if it is not
-/// yet. Only inside a boundary.
+/// yet.
 unsafe fn slot_value(slot: *mut pg_sys::TupleTableSlot, att: i16) -> Option<pg_sys::Datum> {
     unsafe {
         if ((*slot).tts_nvalid as i16) < att {
-            raw::slot_getsomeattrs_int(slot, att as i32);
+            pg_sys::slot_getsomeattrs_int(slot, att as i32);
         }
         let i = (att - 1) as usize;
         (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
     }
 }
 
-/// Whether text datum `datum` holds exactly `bytes`. Only inside a boundary.
+/// Whether text datum `datum` holds exactly `bytes`.
 unsafe fn text_equals(datum: pg_sys::Datum, bytes: &[u8]) -> bool {
     unsafe {
-        let text = raw::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let text = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
         let len = pgrx::varlena::varsize_any_exhdr(text);
         len == bytes.len()
             && std::slice::from_raw_parts(pgrx::varlena::vardata_any(text) as *const u8, len)
@@ -485,7 +366,7 @@ unsafe fn text_equals(datum: pg_sys::Datum, bytes: &[u8]) -> bool {
 /// Copies the text datum `datum` into `found.hash`.
 unsafe fn copy_hash(datum: pg_sys::Datum, found: &mut Found) {
     unsafe {
-        let text = raw::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let text = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
         let len = pgrx::varlena::varsize_any_exhdr(text);
         found.hash_too_long = len > HASH_MAX;
         found.hash_len = len.min(HASH_MAX);
@@ -498,7 +379,6 @@ unsafe fn copy_hash(datum: pg_sys::Datum, found: &mut Found) {
 }
 
 /// The metadata row with this prefix (probe of its unique index, row read from the heap).
-/// Only inside the lookup's boundary.
 unsafe fn metadata_row(
     rels: &Rels,
     snapshot: pg_sys::Snapshot,
@@ -506,10 +386,8 @@ unsafe fn metadata_row(
     found: &mut Found,
 ) -> bool {
     unsafe {
-        let text = raw::cstring_to_text_with_len(prefix.as_ptr().cast(), prefix.len() as i32);
-        let read = |_: pg_sys::Relation,
-                    slot: *mut pg_sys::TupleTableSlot,
-                    root: pg_sys::ItemPointerData| {
+        let text = pg_sys::cstring_to_text_with_len(prefix.as_ptr().cast(), prefix.len() as i32);
+        let read = |slot: *mut pg_sys::TupleTableSlot| {
             let [a_id, a_user, a_scope, a_used, a_expires, a_revoked] = rels.metadata_atts;
             // Every column read below, deformed at once.
             slot_value(slot, rels.metadata_last_att);
@@ -532,7 +410,6 @@ unsafe fn metadata_row(
             found.last_used_at = value(a_used).map(|d| d.value() as i64);
             found.expires_at = expires.value() as i64;
             found.is_revoked = revoked.value() != 0;
-            found.tid = root;
             Some(true)
         };
         let key = pg_sys::Datum::from(text);
@@ -549,41 +426,24 @@ unsafe fn metadata_row(
 }
 
 /// Probes `index` of `table` for `value` (with equality function `eq_proc`) under `snapshot`
-/// and calls `read` (with the table, and the tuple id the index gave: the root of the row's
-/// HOT chain) on each visible row it returns until `read` returns Some (the row is the one
-/// looked for). Only inside a boundary, with a `read` that owns nothing needing a drop.
+/// and calls `read` on each visible row it returns until `read` returns Some (the row is the
+/// one looked for).
 unsafe fn matching_row<R>(
     table: pg_sys::Oid,
     index: pg_sys::Oid,
     snapshot: pg_sys::Snapshot,
     eq_proc: u32,
     value: pg_sys::Datum,
-    mut read: impl FnMut(
-        pg_sys::Relation,
-        *mut pg_sys::TupleTableSlot,
-        pg_sys::ItemPointerData,
-    ) -> Option<R>,
+    mut read: impl FnMut(*mut pg_sys::TupleTableSlot) -> Option<R>,
 ) -> Option<R> {
     unsafe {
         let probe = Probe::begin(table, index, snapshot, eq_proc, value, false);
-        let slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
+        let slot = pg_sys::table_slot_create(probe.heap, std::ptr::null_mut());
         let mut result = None;
-        let mut root = pg_sys::ItemPointerData::default();
-        // index_getnext_slot's loop, keeping the index's tuple id (the fetch replaces the
-        // scan's copy with the id of the version it finds).
-        while result.is_none() {
-            if !(*probe.scan).xs_heap_continue {
-                let tid = raw::index_getnext_tid(probe.scan, FORWARD);
-                if tid.is_null() {
-                    break;
-                }
-                root = *tid;
-            }
-            if raw::index_fetch_heap(probe.scan, slot) {
-                result = read(probe.heap, slot, root);
-            }
+        while result.is_none() && pg_sys::index_getnext_slot(probe.scan, FORWARD, slot) {
+            result = read(slot);
         }
-        raw::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
         probe.end();
         result
     }
@@ -593,7 +453,7 @@ unsafe fn matching_row<R>(
 /// key's INCLUDE column when the visibility map says the heap page is visible to every
 /// transaction (hashes are only ever inserted and deleted, so after VACUUM nearly all are), from
 /// the heap row otherwise. One buffer less per verify, and at a million keys one cache-missing
-/// page less. Only inside the lookup's boundary.
+/// page less.
 unsafe fn secret_hash(rels: &Rels, snapshot: pg_sys::Snapshot, found: &mut Found) -> bool {
     unsafe {
         let id = found.id;
@@ -608,31 +468,34 @@ unsafe fn secret_hash(rels: &Rels, snapshot: pg_sys::Snapshot, found: &mut Found
             pg_sys::Datum::from(id.as_ptr()),
             true,
         );
+        let serializable = pg_sys::XactIsoLevel == pg_sys::XACT_SERIALIZABLE as i32;
         let mut vm_buffer: pg_sys::Buffer = pg_sys::InvalidBuffer as pg_sys::Buffer;
         let mut slot: *mut pg_sys::TupleTableSlot = std::ptr::null_mut();
         let mut got = false;
         loop {
-            let tid = raw::index_getnext_tid(probe.scan, FORWARD);
+            let tid = pg_sys::index_getnext_tid(probe.scan, FORWARD);
             if tid.is_null() {
                 break;
             }
             let block = pgrx::itemptr::item_pointer_get_block_number(tid);
+            // Not in SERIALIZABLE: the heap fetch takes the predicate lock that lets PostgreSQL
+            // see conflicts with writers.
             let all_visible = rels.hash_in_index
+                && !serializable
                 && !(*probe.scan).xs_itup.is_null()
-                && raw::visibilitymap_get_status(probe.heap, block, &mut vm_buffer)
+                && pg_sys::visibilitymap_get_status(probe.heap, block, &mut vm_buffer)
                     & pg_sys::VISIBILITYMAP_ALL_VISIBLE as u8
                     != 0;
             if all_visible {
                 let mut values = [pg_sys::Datum::from(0); 2];
                 let mut nulls = [true; 2];
                 // The index has exactly two columns (checked in `rels`).
-                raw::index_deform_tuple(
+                pg_sys::index_deform_tuple(
                     (*probe.scan).xs_itup,
                     (*probe.scan).xs_itupdesc,
                     values.as_mut_ptr(),
                     nulls.as_mut_ptr(),
                 );
-                raw::PredicateLockPage(probe.heap, block, (*probe.scan).xs_snapshot);
                 if !nulls[1] {
                     copy_hash(values[1], found);
                     got = true;
@@ -640,9 +503,9 @@ unsafe fn secret_hash(rels: &Rels, snapshot: pg_sys::Snapshot, found: &mut Found
                 break;
             }
             if slot.is_null() {
-                slot = raw::table_slot_create(probe.heap, std::ptr::null_mut());
+                slot = pg_sys::table_slot_create(probe.heap, std::ptr::null_mut());
             }
-            if raw::index_fetch_heap(probe.scan, slot) {
+            if pg_sys::index_fetch_heap(probe.scan, slot) {
                 if let Some(hash) = slot_value(slot, rels.hash_att) {
                     copy_hash(hash, found);
                     got = true;
@@ -651,10 +514,10 @@ unsafe fn secret_hash(rels: &Rels, snapshot: pg_sys::Snapshot, found: &mut Found
             }
         }
         if vm_buffer != pg_sys::InvalidBuffer as pg_sys::Buffer {
-            raw::ReleaseBuffer(vm_buffer);
+            pg_sys::ReleaseBuffer(vm_buffer);
         }
         if !slot.is_null() {
-            raw::ExecDropSingleTupleTableSlot(slot);
+            pg_sys::ExecDropSingleTupleTableSlot(slot);
         }
         probe.end();
         got
@@ -664,10 +527,9 @@ unsafe fn secret_hash(rels: &Rels, snapshot: pg_sys::Snapshot, found: &mut Found
 /// The key row with this prefix and its hash, as the active snapshot sees them; Ok(None) when
 /// there is none; Err(()) when the lookup cannot be done here.
 pub fn find(prefix: &str) -> Result<Option<KeyRow>, ()> {
-    // SAFETY: called from a SQL function inside a transaction. Everything between the boundary's
-    // start and end is plain values and raw pointers (see `raw`); every relation opened is closed
-    // and every scan ended before it returns; an ERROR raised inside becomes a panic at the
-    // boundary and the transaction abort releases what was left.
+    // SAFETY: called from a SQL function inside a transaction. Every relation opened is closed
+    // and every scan ended before it returns; an ERROR raised inside unwinds to the caller's
+    // guard and the transaction abort releases what was left.
     unsafe {
         let Some(rels) = rels() else { return Err(()) };
         let mut found = Found {
@@ -680,14 +542,11 @@ pub fn find(prefix: &str) -> Result<Option<KeyRow>, ()> {
             hash: [0; HASH_MAX],
             hash_len: 0,
             hash_too_long: false,
-            tid: pg_sys::ItemPointerData::default(),
         };
         let prefix = prefix.as_bytes();
-        let complete = pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            let snapshot = snapshot();
-            metadata_row(&rels, snapshot, prefix, &mut found)
-                && secret_hash(&rels, snapshot, &mut found)
-        });
+        let snapshot = snapshot();
+        let complete = metadata_row(&rels, snapshot, prefix, &mut found)
+            && secret_hash(&rels, snapshot, &mut found);
         if !complete {
             return Ok(None);
         }
@@ -704,7 +563,6 @@ pub fn find(prefix: &str) -> Result<Option<KeyRow>, ()> {
             expires_at: found.expires_at,
             last_used_at: found.last_used_at,
             is_revoked: found.is_revoked,
-            tid: crate::usage_writer::Tid::from(found.tid),
         }))
     }
 }
@@ -715,156 +573,15 @@ pub fn now() -> i64 {
     unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
 }
 
-#[derive(Clone, Copy)]
-struct AuthUsers {
-    table: pg_sys::Oid,
-    pkey: pg_sys::Oid,
-    /// The primary key's column.
-    column: pg_sys::AttrNumber,
-}
-
-thread_local! {
-    static AUTH_USERS: Cell<Option<AuthUsers>> = const { Cell::new(None) };
-}
-
-/// auth.users and its primary key index, when it is a single uuid column (Supabase's shape).
-/// Resolved once per backend and again after an invalidation (see [`forget_relations`]).
-unsafe fn auth_users() -> Option<AuthUsers> {
-    if let Some(found) = AUTH_USERS.with(Cell::get) {
-        return Some(found);
-    }
-    unsafe {
-        register_callbacks();
-        let (_, table) = schema_table(c"auth", c"users")?;
-        let heap = pg_sys::table_open(table, LOCK);
-        let pkey = pg_sys::RelationGetPrimaryKeyIndex(heap);
-        pg_sys::table_close(heap, NO_LOCK);
-        if pkey == pg_sys::InvalidOid {
-            return None;
-        }
-        let idx = pg_sys::index_open(pkey, LOCK);
-        let single_uuid =
-            (*(*idx).rd_index).indnatts == 1 && *(*idx).rd_opcintype == pg_sys::UUIDOID;
-        let column = (*(*idx).rd_index).indkey.values.as_slice(1)[0];
-        pg_sys::index_close(idx, NO_LOCK);
-        if !single_uuid || column <= 0 {
-            return None;
-        }
-        let found = AuthUsers {
-            table,
-            pkey,
-            column,
-        };
-        AUTH_USERS.with(|a| a.set(Some(found)));
-        Some(found)
-    }
-}
-
-/// The active snapshot, or the transaction's when none is active. Only inside a boundary.
+/// The active snapshot, or the transaction's when none is active.
 unsafe fn snapshot() -> pg_sys::Snapshot {
     unsafe {
-        let snapshot = raw::GetActiveSnapshot();
+        let snapshot = pg_sys::GetActiveSnapshot();
         if snapshot.is_null() {
-            raw::GetTransactionSnapshot()
+            pg_sys::GetTransactionSnapshot()
         } else {
             snapshot
         }
     }
 }
 
-/// What [`lock_auth_user`] found.
-pub enum UserRow {
-    /// The user exists, and this transaction holds a FOR KEY SHARE lock on its row until it
-    /// ends: a concurrent DELETE waits for it (and then cascades to the keys it wrote).
-    Locked(LockedRow),
-    /// No such user, or deleted by a transaction that committed meanwhile.
-    Missing,
-    /// Deleted (or its id changed) by a concurrent transaction that this REPEATABLE READ or
-    /// SERIALIZABLE transaction cannot see.
-    Conflict,
-    /// A lock result PostgreSQL's own check would not expect either.
-    Unexpected(u32),
-}
-
-/// Finds user `id` in auth.users and locks its row FOR KEY SHARE: the check PostgreSQL's
-/// foreign key trigger from api_key_metadata.user_id makes (`SELECT 1 FROM auth.users WHERE id
-/// = $1 FOR KEY SHARE`), by one index probe and `table_tuple_lock`, as `ExecLockRows` locks
-/// the row: in READ COMMITTED it follows a concurrent update to the row's latest version and a
-/// concurrent delete means no user; in REPEATABLE READ and SERIALIZABLE either is a
-/// serialization failure. Waits for a transaction that is deleting the row. None when there is
-/// no auth.users with a uuid primary key.
-pub fn lock_auth_user(id: pgrx::Uuid) -> Option<UserRow> {
-    // SAFETY: as for `find`: plain values only inside the boundary.
-    unsafe {
-        let users = auth_users()?;
-        let bytes = *id.as_bytes();
-        let key = pg_sys::Datum::from(bytes.as_ptr());
-        Some(pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            let snapshot = snapshot();
-            matching_row(
-                users.table,
-                users.pkey,
-                snapshot,
-                pg_sys::F_UUID_EQ,
-                key,
-                |heap, slot, _| Some(lock_row(heap, slot, snapshot, users, &bytes)),
-            )
-            .unwrap_or(UserRow::Missing)
-        }))
-    }
-}
-
-/// Locks the row in `slot` FOR KEY SHARE. Only inside a boundary.
-#[allow(non_upper_case_globals)] // PostgreSQL's TM_Result names
-unsafe fn lock_row(
-    heap: pg_sys::Relation,
-    slot: *mut pg_sys::TupleTableSlot,
-    snapshot: pg_sys::Snapshot,
-    users: AuthUsers,
-    id: &[u8; 16],
-) -> UserRow {
-    use pg_sys::TM_Result::*;
-    unsafe {
-        let mut tid = (*slot).tts_tid;
-        let xact_snapshot = pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32;
-        let flags = if xact_snapshot {
-            0
-        } else {
-            pg_sys::TUPLE_LOCK_FLAG_FIND_LAST_VERSION as u8
-        };
-        let mut failure: pg_sys::TM_FailureData = std::mem::zeroed();
-        let result = raw::table_tuple_lock(
-            heap,
-            &mut tid,
-            snapshot,
-            slot,
-            raw::GetCurrentCommandId(true),
-            pg_sys::LockTupleMode::LockTupleKeyShare,
-            pg_sys::LockWaitPolicy::LockWaitBlock,
-            flags,
-            &mut failure,
-        );
-        let locked = UserRow::Locked(LockedRow {
-            table: users.table,
-            column: users.column,
-        });
-        match result {
-            TM_Ok if !failure.traversed => locked,
-            // A newer version (READ COMMITTED): still this user only if the id is unchanged,
-            // the recheck ExecLockRows makes.
-            TM_Ok => {
-                if slot_value(slot, users.column).is_some_and(|d| uuid_bytes(d) == *id) {
-                    locked
-                } else {
-                    UserRow::Missing
-                }
-            }
-            // Deleted by this transaction after the snapshot was taken, or by another
-            // that committed (READ COMMITTED): no such user now.
-            TM_SelfModified => UserRow::Missing,
-            TM_Deleted if !xact_snapshot => UserRow::Missing,
-            TM_Deleted | TM_Updated => UserRow::Conflict,
-            other => UserRow::Unexpected(other),
-        }
-    }
-}

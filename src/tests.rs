@@ -378,27 +378,10 @@ mod tests {
             assert!(scans >= 2, "{index} scans: {scans}");
         }
     }
-    // The background worker's write of recorded uses (src/usage_writer.rs), called directly:
-    // the worker itself needs shared_preload_libraries (tests/last_used.sh runs it).
+    // The background workers' write of recorded uses (src/usage.rs), called directly: the
+    // workers themselves need shared_preload_libraries (tests/last_used.sh runs them).
 
-    use crate::usage_writer::{Tid, Use};
-
-    /// Where the row of key `id` is now (its ctid).
-    fn tid_of(id: pgrx::Uuid) -> Tid {
-        let ctid = Spi::get_one::<String>(&format!(
-            "SELECT ctid::text FROM keyhippo.api_key_metadata WHERE id = '{id}'"
-        ))
-        .unwrap()
-        .unwrap();
-        let (block, offset) = ctid
-            .trim_matches(|c| c == '(' || c == ')')
-            .split_once(',')
-            .unwrap();
-        Tid {
-            block: block.parse().unwrap(),
-            offset: offset.parse().unwrap(),
-        }
-    }
+    use crate::usage::Use;
 
     fn last_used_text(id: pgrx::Uuid) -> Option<String> {
         Spi::get_one::<String>(&format!(
@@ -416,412 +399,53 @@ mod tests {
         .unwrap()
     }
 
-    /// Runs the writer as the worker does; returns the ids it left to the UPDATE statement.
-    fn write_uses(uses: &[Use]) -> Vec<pgrx::Uuid> {
-        let (table, id_att, used_att) = crate::lookup::metadata_columns().unwrap();
-        let uses = crate::usage_writer::latest_per_key(uses.to_vec());
-        // SAFETY: inside the test's transaction, as superuser.
-        let rest = unsafe { crate::usage_writer::write(table, id_att, used_att, &uses) };
-        rest.iter().map(|u| pgrx::Uuid::from_bytes(u.id)).collect()
-    }
-
-    fn use_of(id: pgrx::Uuid, tid: Tid, at: &str) -> Use {
+    fn use_of(id: pgrx::Uuid, at: &str) -> Use {
         Use {
             id: *id.as_bytes(),
-            tid,
             at: timestamptz(at),
         }
     }
 
-    fn hot_updates() -> i64 {
-        Spi::get_one::<i64>(
-            "SELECT pg_stat_get_xact_tuples_hot_updated('keyhippo.api_key_metadata'::regclass)",
-        )
-        .unwrap()
-        .unwrap()
-    }
-
-    /// Every recorded use written as a new row version (keyhippo.last_used_in_place = off).
-    fn row_versions_only() {
-        Spi::run("SET LOCAL keyhippo.last_used_in_place = off").unwrap();
+    /// Writes uses as a writer does (the latest per key, one statement).
+    fn write_uses(uses: &[Use]) {
+        let uses = crate::usage::latest_per_key(uses.to_vec());
+        Spi::connect_mut(|client| crate::usage::write(client, &uses)).unwrap();
     }
 
     #[pg_test]
-    fn recorded_uses_are_written_where_verify_read_the_row() {
+    fn recorded_uses_are_written_latest_first_and_never_back() {
         act_as(USER_A);
-        row_versions_only();
-        let (key_a, a) = create_key("writer a");
-        let (_, b) = create_key("writer b");
-        let (root_a, root_b) = (tid_of(a), tid_of(b));
-        let hot_before = hot_updates();
-        let at = "2030-01-02 03:04:05.123456+00";
-        // Two uses of a (the later one wins) and one of b, in any order.
-        let left = write_uses(&[
-            use_of(a, root_a, "2030-01-01 00:00:00+00"),
-            use_of(b, root_b, at),
-            use_of(a, root_a, at),
+        let (_, a) = create_key("a");
+        let (_, b) = create_key("b");
+        write_uses(&[
+            use_of(a, "2030-01-01 00:00:00+00"),
+            use_of(a, "2030-01-03 00:00:00+00"),
+            use_of(a, "2030-01-02 00:00:00+00"),
+            use_of(b, "2030-02-01 00:00:00+00"),
         ]);
-        assert!(left.is_empty(), "left to the statement: {left:?}");
-        assert_eq!(
-            last_used_text(a).as_deref(),
-            Some("2030-01-02 03:04:05.123456")
-        );
-        assert_eq!(
-            last_used_text(b).as_deref(),
-            Some("2030-01-02 03:04:05.123456")
-        );
-        // As HOT updates: the row stays on its page, no index entries.
-        assert_eq!(hot_updates() - hot_before, 2);
-        // The row's new version is a heap-only tuple elsewhere on the page; verify still gives
-        // the root its index entries point to, and the writer follows the chain from there.
-        assert_ne!(tid_of(a), root_a);
-        assert_eq!(root_of(&key_a), root_a);
-        assert!(write_uses(&[use_of(a, root_a, "2030-01-03 00:00:00+00")]).is_empty());
         assert_eq!(last_used_text(a).as_deref(), Some("2030-01-03 00:00:00"));
-        assert_eq!(hot_updates() - hot_before, 3);
-        // An older use never moves the time back (and needs no statement either).
-        assert!(write_uses(&[use_of(a, root_a, "2029-12-31 00:00:00+00")]).is_empty());
+        assert_eq!(last_used_text(b).as_deref(), Some("2030-02-01 00:00:00"));
+        // An earlier use written later does not move the time back.
+        write_uses(&[use_of(a, "2029-12-31 00:00:00+00")]);
         assert_eq!(last_used_text(a).as_deref(), Some("2030-01-03 00:00:00"));
-        // Through an index scan, the updated row is found by its key as before.
-        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
-        assert_eq!(
-            Spi::get_one::<i64>(&format!(
-                "SELECT count(*) FROM keyhippo.api_key_metadata WHERE id = '{a}' AND last_used_at IS NOT NULL"
+        // A deleted key's use is nothing to write, and no error.
+        Spi::run(&format!("DELETE FROM keyhippo.api_key_metadata WHERE id = '{b}'")).unwrap();
+        write_uses(&[use_of(b, "2030-03-01 00:00:00+00")]);
+    }
+
+    #[pg_test]
+    fn a_use_changes_last_used_at_alone() {
+        act_as(USER_A);
+        let (_, a) = create_key("alone");
+        let row = || {
+            Spi::get_one::<String>(&format!(
+                "SELECT (to_jsonb(m) - 'last_used_at')::text FROM keyhippo.api_key_metadata m WHERE id = '{a}'"
             ))
-            .unwrap(),
-            Some(1)
-        );
-    }
-
-    #[pg_test]
-    fn uses_the_writer_cannot_place_are_left_to_the_statement() {
-        act_as(USER_A);
-        let (_, a) = create_key("moved");
-        let (_, b) = create_key("other");
-        let (_, c) = create_key("no tid");
-        let at = "2030-01-02 00:00:00+00";
-        // a's row is updated with an indexed column changing (not a HOT update): the tid verify
-        // read now holds a dead version that leads nowhere.
-        let old = tid_of(a);
-        Spi::run(&format!(
-            "UPDATE keyhippo.api_key_metadata SET prefix = prefix || 'x' WHERE id = '{a}'"
-        ))
-        .unwrap();
-        let b_tid = tid_of(b);
-        let past_the_end = Tid {
-            block: 1_000_000,
-            offset: 1,
+            .unwrap()
         };
-        let no_such_line = Tid {
-            block: b_tid.block,
-            offset: 2000,
-        };
-        let left = write_uses(&[
-            use_of(a, old, at),
-            // b's tid given for c: another key's row is there.
-            use_of(c, b_tid, at),
-            use_of(b, past_the_end, at),
-        ]);
-        let mut expected = vec![a, b, c];
-        expected.sort_by_key(|u| *u.as_bytes());
-        let mut left_sorted = left.clone();
-        left_sorted.sort_by_key(|u| *u.as_bytes());
-        assert_eq!(left_sorted, expected);
-        let left = write_uses(&[use_of(b, no_such_line, at), use_of(c, Tid::NONE, at)]);
-        assert_eq!(left.len(), 2);
-        // Nothing was written to any of them (b's row in particular was not c's use).
-        for id in [a, b, c] {
-            assert_eq!(last_used_text(id), None, "{id}");
-        }
-    }
-
-    #[pg_test]
-    fn an_index_on_last_used_at_gets_the_new_entries() {
-        act_as(USER_A);
-        let (key, a) = create_key("indexed");
-        assert!(write_uses(&[use_of(a, tid_of(a), "2030-05-04 00:00:00+00")]).is_empty());
-        Spi::run("CREATE INDEX last_used_idx ON keyhippo.api_key_metadata (last_used_at)").unwrap();
-        let hot_before = hot_updates();
-        let before = tid_of(a);
-        assert!(write_uses(&[use_of(a, root_of(&key), "2030-05-05 00:00:00+00")]).is_empty());
-        // Not overwritten in place (the index entry would go stale), not HOT (an indexed column
-        // changed): a new version elsewhere, found through its new index entry.
-        assert_ne!(tid_of(a), before);
-        assert_eq!(hot_updates(), hot_before);
-        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
-        Spi::run("SET LOCAL enable_bitmapscan = off").unwrap();
-        let found = Spi::get_one::<pgrx::Uuid>(
-            "SELECT id FROM keyhippo.api_key_metadata WHERE last_used_at = '2030-05-05 00:00:00+00'",
-        )
-        .unwrap();
-        assert_eq!(found, Some(a));
-    }
-
-    #[pg_test]
-    fn a_trigger_that_fires_for_the_worker_leaves_everything_to_the_statement() {
-        act_as(USER_A);
-        let (_, a) = create_key("trigger");
-        let root = tid_of(a);
-        Spi::run(
-            "CREATE FUNCTION pg_temp.count_updates() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN RETURN NEW; END $$",
-        )
-        .unwrap();
-        Spi::run(
-            "CREATE TRIGGER user_trigger BEFORE UPDATE ON keyhippo.api_key_metadata \
-             FOR EACH ROW EXECUTE FUNCTION pg_temp.count_updates()",
-        )
-        .unwrap();
-        // Enabled as ORIGIN (the default) it does not fire for the worker (replica role).
-        assert!(write_uses(&[use_of(a, root, "2030-01-01 00:00:00+00")]).is_empty());
-        Spi::run("ALTER TABLE keyhippo.api_key_metadata ENABLE ALWAYS TRIGGER user_trigger")
-            .unwrap();
-        assert_eq!(
-            write_uses(&[use_of(a, root, "2030-02-01 00:00:00+00")]),
-            vec![a]
-        );
+        let before = row();
+        write_uses(&[use_of(a, "2030-01-01 00:00:00+00")]);
+        assert_eq!(row(), before);
         assert_eq!(last_used_text(a).as_deref(), Some("2030-01-01 00:00:00"));
-    }
-    /// The root tuple id verify records for `key` (what `lookup::find` gives it).
-    fn root_of(key: &str) -> Tid {
-        let prefix = keyhippo_core::token::parse(key).unwrap().prefix.to_string();
-        // SAFETY: a fresh snapshot for the lookup, popped after it, inside the test's transaction.
-        let found = unsafe {
-            pg_sys::CommandCounterIncrement();
-            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-            let found = crate::lookup::find(&prefix);
-            pg_sys::PopActiveSnapshot();
-            found
-        };
-        found.unwrap().unwrap().tid
-    }
-
-    #[pg_test]
-    fn a_row_with_toasted_claims_keeps_them_when_its_use_is_written() {
-        act_as(USER_A);
-        let (key, a) = create_key("toasted");
-        // Claims of 64 kB: stored out of line, in the TOAST table.
-        Spi::run(&format!(
-            "UPDATE keyhippo.api_key_metadata SET claims = jsonb_build_object('blob', \
-               (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 2000) i)) WHERE id = '{a}'"
-        ))
-        .unwrap();
-        let digest = || {
-            Spi::get_one::<String>(&format!(
-                "SELECT md5(claims::text) || ' ' || pg_column_size(claims) \
-                   FROM keyhippo.api_key_metadata WHERE id = '{a}'"
-            ))
-            .unwrap()
-            .unwrap()
-        };
-        let before = digest();
-        let toasted = Spi::get_one::<bool>(
-            "SELECT pg_relation_size(reltoastrelid) > 0 FROM pg_class \
-              WHERE oid = 'keyhippo.api_key_metadata'::regclass",
-        )
-        .unwrap();
-        assert_eq!(toasted, Some(true), "claims not stored out of line");
-        assert!(write_uses(&[use_of(a, root_of(&key), "2030-03-03 00:00:00+00")]).is_empty());
-        assert_eq!(last_used_text(a).as_deref(), Some("2030-03-03 00:00:00"));
-        assert_eq!(digest(), before);
-        assert_eq!(verify_count(&format!("'{key}'")), 1);
-        // The next use as well (a new row version here: this transaction's UPDATE above left
-        // it as a locker on the row; tests/last_used.sh overwrites such a row in place).
-        assert!(write_uses(&[use_of(a, root_of(&key), "2030-03-04 00:00:00+00")]).is_empty());
-        assert_eq!(last_used_text(a).as_deref(), Some("2030-03-04 00:00:00"));
-        assert_eq!(digest(), before);
-        assert_eq!(verify_count(&format!("'{key}'")), 1);
-    }
-
-    /// The row of key `id` as text (every column but last_used_at), to show nothing else changed.
-    fn row_without_last_used(id: pgrx::Uuid) -> String {
-        Spi::get_one::<String>(&format!(
-            "SELECT (to_jsonb(m) - 'last_used_at')::text FROM keyhippo.api_key_metadata m WHERE id = '{id}'"
-        ))
-        .unwrap()
-        .unwrap()
-    }
-
-    #[pg_test]
-    fn a_key_used_before_has_its_last_used_at_overwritten_in_place() {
-        act_as(USER_A);
-        let (key, a) = create_key("in place");
-        let hot_before = hot_updates();
-        // A first use (last_used_at NULL: the row grows) is a new row version.
-        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-01 00:00:00+00")]).is_empty());
-        assert_eq!(hot_updates() - hot_before, 1);
-        let here = tid_of(a);
-        let row = row_without_last_used(a);
-        // The next ones overwrite the time where it is: same tuple, no update counted.
-        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-02 00:00:00.5+00")]).is_empty());
-        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-02 00:00:00.5"));
-        assert_eq!(tid_of(a), here);
-        assert_eq!(hot_updates() - hot_before, 1);
-        assert_eq!(row_without_last_used(a), row);
-        // Never back.
-        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-01 12:00:00+00")]).is_empty());
-        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-02 00:00:00.5"));
-        // Found by its indexes as before.
-        assert_eq!(verify_count(&format!("'{key}'")), 1);
-        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
-        assert_eq!(
-            Spi::get_one::<String>(&format!(
-                "SELECT (last_used_at AT TIME ZONE 'UTC')::text FROM keyhippo.api_key_metadata WHERE id = '{a}'"
-            ))
-            .unwrap()
-            .as_deref(),
-            Some("2030-01-02 00:00:00.5")
-        );
-        // Switched off: a new row version again.
-        row_versions_only();
-        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-03 00:00:00+00")]).is_empty());
-        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-03 00:00:00"));
-        assert_ne!(tid_of(a), here);
-        assert_eq!(hot_updates() - hot_before, 2);
-    }
-
-    /// Rows of every shape before last_used_at (NULL or set scope_id and description; a
-    /// description with a 1-byte header, with a 4-byte header, compressed, stored out of line),
-    /// inserted with last_used_at set so that the tuple id the index gives is the row version
-    /// itself: each use is written where verify found it (the common path, no fetch and no
-    /// re-formed row) over last_used_at's 8 bytes and nothing else.
-    #[pg_test]
-    fn a_use_is_written_over_last_used_at_alone_whatever_the_row_holds() {
-        use std::sync::atomic::Ordering::Relaxed;
-        act_as(USER_A);
-        let (_, a) = create_key("shapes");
-        let scope = Spi::get_one::<pgrx::Uuid>(
-            "INSERT INTO keyhippo.scopes (name) VALUES ('shapes') RETURNING id",
-        )
-        .unwrap()
-        .unwrap();
-        // Descriptions of every length the table allows, and claims stored inline, compressed
-        // and out of line.
-        let shapes = [
-            ("NULL", "'{\"k\": \"v\"}'"),
-            ("'d'", "'{\"k\": \"v\"}'"),
-            ("repeat('x', 200)", "'{\"k\": \"v\"}'"),
-            ("repeat('y', 255)", "jsonb_build_object('k', repeat('compressed ', 1000))"),
-            (
-                "'out of line'",
-                "jsonb_build_object('k', (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 3000) i))",
-            ),
-        ];
-        for (n, (description, claims)) in shapes.iter().enumerate() {
-            for scope_id in ["NULL".to_string(), format!("'{scope}'")] {
-                let id = Spi::get_one::<pgrx::Uuid>(&format!(
-                    "INSERT INTO keyhippo.api_key_metadata \
-                       (user_id, scope_id, description, prefix, last_used_at, claims) \
-                     SELECT user_id, {scope_id}, {description}, \
-                            'kh_shape' || {n} || coalesce(left({scope_id}::text, 4), 'none'), \
-                            '2030-01-01 00:00:00+00', {claims} \
-                       FROM keyhippo.api_key_metadata WHERE id = '{a}' RETURNING id"
-                ))
-                .unwrap()
-                .unwrap();
-                let (here, row) = (tid_of(id), row_without_last_used(id));
-                let before = crate::usage_writer::WRITTEN_WHERE_FOUND.load(Relaxed);
-                assert!(
-                    write_uses(&[use_of(id, here, "2030-01-02 03:04:05.678901+00")]).is_empty()
-                );
-                assert_eq!(
-                    crate::usage_writer::WRITTEN_WHERE_FOUND.load(Relaxed) - before,
-                    1,
-                    "description {description}, scope {scope_id}: not written where found"
-                );
-                assert_eq!(
-                    last_used_text(id).as_deref(),
-                    Some("2030-01-02 03:04:05.678901")
-                );
-                assert_eq!(tid_of(id), here);
-                assert_eq!(row_without_last_used(id), row, "description {description}");
-                // Never back, and nothing written for an earlier time.
-                assert!(write_uses(&[use_of(id, here, "2030-01-01 12:00:00+00")]).is_empty());
-                assert_eq!(
-                    last_used_text(id).as_deref(),
-                    Some("2030-01-02 03:04:05.678901")
-                );
-                assert_eq!(
-                    crate::usage_writer::WRITTEN_WHERE_FOUND.load(Relaxed) - before,
-                    1
-                );
-            }
-        }
-        let toasted = Spi::get_one::<bool>(
-            "SELECT pg_relation_size(reltoastrelid) > 0 FROM pg_class \
-              WHERE oid = 'keyhippo.api_key_metadata'::regclass",
-        )
-        .unwrap();
-        assert_eq!(toasted, Some(true), "no claims stored out of line");
-        // A use recorded at a tuple id that now holds another key's row is not written there.
-        let (_, b) = create_key("other");
-        Spi::run(&format!(
-            "UPDATE keyhippo.api_key_metadata SET last_used_at = '2030-01-01' WHERE id = '{b}'"
-        ))
-        .unwrap();
-        let before = crate::usage_writer::WRITTEN_WHERE_FOUND.load(Relaxed);
-        let wrong = use_of(b, tid_of(a), "2030-02-02 00:00:00+00");
-        // Left to the caller's UPDATE statement, which finds the row by its key.
-        assert_eq!(write_uses(&[wrong]), vec![b]);
-        assert_eq!(
-            crate::usage_writer::WRITTEN_WHERE_FOUND.load(Relaxed),
-            before
-        );
-        assert_eq!(last_used_text(a), None);
-    }
-
-    #[pg_test]
-    fn a_locked_or_published_row_gets_a_new_version_instead() {
-        act_as(USER_A);
-        let (key, a) = create_key("locked");
-        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-01 00:00:00+00")]).is_empty());
-        // A row lock (as a foreign key check takes): the use must wait for the locker like an
-        // UPDATE, so it is written as a row update (here by the locking transaction itself).
-        Spi::run(&format!(
-            "SELECT 1 FROM keyhippo.api_key_metadata WHERE id = '{a}' FOR KEY SHARE"
-        ))
-        .unwrap();
-        let here = tid_of(a);
-        assert!(write_uses(&[use_of(a, root_of(&key), "2030-01-02 00:00:00+00")]).is_empty());
-        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-02 00:00:00"));
-        assert_ne!(tid_of(a), here);
-        // A table whose updates are published: logical decoding does not see an overwrite.
-        let (key_b, b) = create_key("published");
-        assert!(write_uses(&[use_of(b, root_of(&key_b), "2030-01-01 00:00:00+00")]).is_empty());
-        Spi::run("CREATE PUBLICATION keyhippo_test FOR TABLE keyhippo.api_key_metadata").unwrap();
-        let here = tid_of(b);
-        assert!(write_uses(&[use_of(b, root_of(&key_b), "2030-01-02 00:00:00+00")]).is_empty());
-        assert_eq!(last_used_text(b).as_deref(), Some("2030-01-02 00:00:00"));
-        assert_ne!(tid_of(b), here);
-    }
-
-    #[pg_test]
-    fn an_update_never_moves_last_used_at_back() {
-        act_as(USER_A);
-        let (_, a) = create_key("kept");
-        let update = |set: &str| {
-            Spi::run(&format!(
-                "UPDATE keyhippo.api_key_metadata SET {set} WHERE id = '{a}'"
-            ))
-            .unwrap()
-        };
-        update("last_used_at = '2030-01-02 00:00:00+00'");
-        // An UPDATE carrying an earlier time (as one that read the row before the worker
-        // overwrote it would) keeps the later one; its other changes are made.
-        update("last_used_at = '2030-01-01 00:00:00+00', description = 'renamed'");
-        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-02 00:00:00"));
-        assert_eq!(
-            Spi::get_one::<String>(&format!(
-                "SELECT description FROM keyhippo.api_key_metadata WHERE id = '{a}'"
-            ))
-            .unwrap()
-            .as_deref(),
-            Some("renamed")
-        );
-        update("last_used_at = '2030-01-03 00:00:00+00'");
-        assert_eq!(last_used_text(a).as_deref(), Some("2030-01-03 00:00:00"));
-        // Clearing it is an explicit choice, and kept.
-        update("last_used_at = NULL");
-        assert_eq!(last_used_text(a), None);
     }
 }

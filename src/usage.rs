@@ -1,115 +1,187 @@
 //! Recording key use (`last_used_at`) without writing on the verify path.
 //!
-//! When keyhippo is in `shared_preload_libraries`, verify appends (key id, time) to a buffer in
-//! shared memory and a background worker writes the buffer to `api_key_metadata.last_used_at`
-//! every `keyhippo.last_used_flush_interval` seconds and once more at shutdown. Verify then never
+//! When keyhippo is in `shared_preload_libraries`, verify appends (database, key id, time) to a
+//! buffer in shared memory, and background workers write the buffer to
+//! `api_key_metadata.last_used_at` of each database (see [`crate::worker`]). Verify then never
 //! writes a row, so it costs little more than its index lookup and works in READ ONLY
-//! transactions and on hot standbys (where the worker discards the buffer: a standby cannot
-//! write).
+//! transactions and on hot standbys (where the buffer is discarded: a standby cannot write).
+//! At a clean shutdown the postmaster saves what is still buffered to a file in the data
+//! directory, and reads it back at the next start.
 //!
-//! Without preloading (or for databases other than `keyhippo.database`, the one the worker
-//! serves), verify falls back to a throttled synchronous update: at most once per
-//! `keyhippo.last_used_interval` seconds per key, never waiting for a lock, skipped in read-only
-//! transactions.
+//! Without preloading (and in template databases, during `pg_upgrade`, or when the buffer is
+//! full), verify falls back to a synchronous update at commit (src/fallback_use.rs): at most
+//! once per `keyhippo.last_used_interval` seconds per key, never waiting for a lock, skipped in
+//! read-only transactions.
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
-use std::cell::RefCell;
-use std::ffi::CString;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
-use std::time::Duration;
 
 use crate::error::Result;
 use crate::plans::{types, Plan};
-use crate::usage_writer::{Tid, Use};
 use pgrx::datum::TimestampWithTimeZone;
 
-/// Uses held between two flushes. A full buffer makes verify fall back to the synchronous path.
-const CAPACITY: usize = 128 * 1024;
+/// Uses held between two writes. A full buffer makes verify fall back to the synchronous path.
+pub const CAPACITY: usize = 128 * 1024;
 
-/// Uses to be written as new row versions (a key's first use, whose row grows from NULL to a
-/// time; every use when `keyhippo.last_used_in_place` is off) that wake the worker before its
-/// interval is up. Small batches keep those writes cheap: a key row's page has room (fillfactor
-/// 80) for a few new row versions, so a flush that updates a few rows per page writes each as a
-/// HOT update (no index entries), where one that updated every row of a page would move most of
-/// them to other pages and insert an entry in each of the table's indexes for each (about four
-/// times the work per row, measured). And each row is found by its primary key (nested loop)
-/// instead of a scan of the whole table.
-const ROW_UPDATE_BATCH: usize = 2048;
+/// Uses that wake their database's writer (or the launcher) before the flush interval is up.
+/// Small batches keep the writes cheap: a key row's page has room (fillfactor 80) for a few new
+/// row versions, so a write that updates a few rows per page makes each a HOT update (no index
+/// entries), where one that updated every row of a page would move most of them to other pages
+/// and insert an entry in each of the table's indexes for each. And each row is found by its
+/// primary key (nested loop) instead of a scan of the whole table.
+const WAKE_BATCH: usize = 2048;
 
-/// Uses of any kind that wake the worker before its interval is up. Uses overwritten in place
-/// (keys used before: the common case at a million keys in service) cost the worker a visit of
-/// the row's page each, mostly CPU cache misses; in tuple id order, a large batch has several
-/// uses on a page, which share one visit. Half the buffer: the other half takes the uses that
-/// come while the worker writes.
-const IN_PLACE_BATCH: usize = CAPACITY / 2;
+/// Databases whose writing the workers keep track of at once (status, writer, pause).
+pub const MAX_DATABASES: usize = 32;
 
 /// Seconds between two recorded uses of one key (both paths): how fresh last_used_at is kept.
 pub static LAST_USED_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
-/// Seconds between two flushes of the shared buffer by the background worker.
+/// Seconds between two writes of the shared buffer by the background workers.
 pub static FLUSH_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(10);
-/// Whether a use of a key whose last_used_at is set is written over the old time where it is
-/// (no new row version) when the table allows it; see `usage_writer`.
-pub static IN_PLACE: GucSetting<bool> = GucSetting::<bool>::new(true);
-/// The database whose key uses the background worker writes.
-pub static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
-/// The shared buffer's state, under its lock.
-#[derive(Copy, Clone, Default)]
-pub struct PendingUses {
-    len: usize,
-    /// How many of them will be written as new row versions (see [`ROW_UPDATE_BATCH`]).
-    row_updates: usize,
-    /// Address of the worker's latch (in shared memory), 0 when no worker runs.
-    worker_latch: usize,
+/// What the workers know of one database's writing: in [`Shared::dbs`], under its lock.
+#[derive(Copy, Clone)]
+pub struct DbSlot {
+    /// The database's OID; 0: a free slot.
+    pub oid: u32,
+    /// The writer connected to it, 0 when none runs.
+    pub writer_pid: i32,
+    /// Address of that writer's latch (in shared memory), 0 when none runs.
+    pub writer_latch: usize,
+    /// When the launcher asked for a writer that has not started yet (TimestampTz), 0 if not.
+    pub starting_since: i64,
+    /// No writer connects before this time (TimestampTz): a utility statement that cannot run
+    /// while anyone is connected to the database is running (see [`crate::worker`]).
+    pub paused_until: i64,
+    /// After a failed write, no new writer before this time (TimestampTz).
+    pub retry_at: i64,
+    /// The last successful write (TimestampTz), 0 if none yet.
+    pub last_write: i64,
+    /// Key uses written since the server started.
+    pub written: u64,
+    /// 1: keyhippo is installed there; 2: it is not (uses are discarded); 0: not known yet.
+    pub installed: u8,
+    /// The last write's error, NUL-padded; empty after a successful write.
+    pub error: [u8; 160],
 }
 
-// SAFETY: plain old data; worker_latch is an address in shared memory, valid in every process.
-unsafe impl PGRXSharedMemory for PendingUses {}
+impl DbSlot {
+    const FREE: DbSlot = DbSlot {
+        oid: 0,
+        writer_pid: 0,
+        writer_latch: 0,
+        starting_since: 0,
+        paused_until: 0,
+        retry_at: 0,
+        last_write: 0,
+        written: 0,
+        installed: 0,
+        error: [0; 160],
+    };
 
-/// The uses in the buffer, `PendingUses::len` of them: read and written only under the lock of
-/// [`PENDING`]. Allocated in shared memory by [`request_slots`] / [`attach_slots`] and zeroed
-/// there: pgrx's `pg_shmem_init!` would build the 3.9 MB value on the postmaster's stack first,
-/// which overflows it in an unoptimised build.
+    pub fn set_error(&mut self, message: &str) {
+        self.error = [0; 160];
+        let mut end = message.len().min(self.error.len() - 1);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.error[..end].copy_from_slice(&message.as_bytes()[..end]);
+    }
+
+    pub fn error(&self) -> Option<String> {
+        let end = self.error.iter().position(|&b| b == 0).unwrap_or(0);
+        (end > 0).then(|| String::from_utf8_lossy(&self.error[..end]).into_owned())
+    }
+}
+
+/// The workers' shared state, under its lock.
+#[derive(Copy, Clone)]
+pub struct Shared {
+    /// Address of the launcher's latch (in shared memory), 0 when it does not run.
+    pub launcher_latch: usize,
+    pub dbs: [DbSlot; MAX_DATABASES],
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            launcher_latch: 0,
+            dbs: [DbSlot::FREE; MAX_DATABASES],
+        }
+    }
+}
+
+impl Shared {
+    /// The slot of database `oid`, if it has one.
+    pub fn slot(&mut self, oid: u32) -> Option<&mut DbSlot> {
+        self.dbs.iter_mut().find(|s| s.oid == oid)
+    }
+
+    /// The slot of database `oid`, taking a free one (or the least recently written one with no
+    /// writer) when it has none.
+    pub fn slot_or_new(&mut self, oid: u32) -> &mut DbSlot {
+        let i = match self.dbs.iter().position(|s| s.oid == oid) {
+            Some(i) => i,
+            None => {
+                let i = self
+                    .dbs
+                    .iter()
+                    .position(|s| s.oid == 0)
+                    .or_else(|| {
+                        (0..MAX_DATABASES)
+                            .filter(|&i| {
+                                self.dbs[i].writer_pid == 0 && self.dbs[i].starting_since == 0
+                            })
+                            .min_by_key(|&i| self.dbs[i].last_write)
+                    })
+                    .unwrap_or(0);
+                self.dbs[i] = DbSlot { oid, ..DbSlot::FREE };
+                i
+            }
+        };
+        &mut self.dbs[i]
+    }
+}
+
+// SAFETY: plain old data; the latch addresses are in shared memory, valid in every process.
+unsafe impl PGRXSharedMemory for Shared {}
+
+/// The uses in the buffer, `len` of them: read and written only under the lock of [`SHARED`]
+/// (and by the postmaster when no other process runs). Allocated in shared memory by
+/// [`request_slots`] / [`attach_slots`] and zeroed there: pgrx's `pg_shmem_init!` would build
+/// the 3.6 MB value on the postmaster's stack first, which overflows it in an unoptimised build.
 #[repr(C)]
 struct UseSlots {
+    len: usize,
+    /// The database of each use (its OID).
+    dbs: [u32; CAPACITY],
     ids: [[u8; 16]; CAPACITY],
-    /// Where verify found each key's row (block, line pointer of the root of its HOT chain).
-    blocks: [u32; CAPACITY],
-    offsets: [u16; CAPACITY],
     /// When (TimestampTz: microseconds since 2000-01-01).
     at: [i64; CAPACITY],
 }
 
 /// This process's address of the shared [`UseSlots`] (set in the postmaster, inherited).
 static SLOTS: AtomicPtr<UseSlots> = AtomicPtr::new(std::ptr::null_mut());
-static mut PREV_SHMEM_REQUEST: Option<unsafe extern "C-unwind" fn()> = None;
 static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
 
-#[pg_guard]
-unsafe extern "C-unwind" fn request_slots() {
-    // SAFETY: the postmaster's shared memory set-up, single-threaded; the previous hook as
-    // installed before ours.
-    unsafe {
-        if let Some(prev) = PREV_SHMEM_REQUEST {
-            pg_sys::ffi::pg_guard_ffi_boundary(|| prev());
-        }
-        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<UseSlots>());
-    }
+/// Asks for the buffer's shared memory (from `shmem_request_hook`, or `_PG_init` on 14).
+pub fn request_slots() {
+    // SAFETY: the postmaster's shared memory set-up, single-threaded.
+    unsafe { pg_sys::RequestAddinShmemSpace(std::mem::size_of::<UseSlots>()) };
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn attach_slots() {
-    // SAFETY: as in `request_slots`; AddinShmemInitLock (MainLWLockArray[21]) serialises
-    // ShmemInitStruct as for every extension.
+    // SAFETY: the postmaster's (or, with EXEC_BACKEND, each process's) shared memory set-up;
+    // AddinShmemInitLock serialises ShmemInitStruct as for every extension.
     unsafe {
         if let Some(prev) = PREV_SHMEM_STARTUP {
-            pg_sys::ffi::pg_guard_ffi_boundary(|| prev());
+            prev();
         }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        let init_lock = crate::compat::addin_shmem_init_lock();
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
         let slots = pg_sys::ShmemInitStruct(
@@ -123,22 +195,92 @@ unsafe extern "C-unwind" fn attach_slots() {
         }
         pg_sys::LWLockRelease(init_lock);
         SLOTS.store(slots, Ordering::Relaxed);
+        if !pg_sys::IsUnderPostmaster {
+            // The postmaster: uses saved at the last clean shutdown come back; at exit, what is
+            // left is saved again.
+            if !found {
+                load_saved_uses(&mut *slots);
+            }
+            pg_sys::on_shmem_exit(Some(save_uses_at_exit), pg_sys::Datum::from(0));
+        }
     }
 }
 
-/// The shared uses; only while holding [`PENDING`]'s lock (the guard proves it).
-fn slots(_locked: &mut PendingUses) -> &mut UseSlots {
+/// The shared uses; only while holding [`SHARED`]'s lock exclusively (the guard proves it).
+fn slots(_locked: &mut Shared) -> &mut UseSlots {
     // SAFETY: set at startup in every process that preloaded keyhippo (the only ones that
-    // reach here: `record` and `drain` run after `worker_serves_this_database` / for the
-    // worker); exclusive access under the lock.
+    // reach here: callers check `preloaded()`); exclusive access under the lock.
     unsafe { &mut *SLOTS.load(Ordering::Relaxed) }
 }
 
-static PENDING: PgLwLock<PendingUses> = unsafe { PgLwLock::new(c"keyhippo_pending_uses") };
+/// The shared uses, to read; only while holding [`SHARED`]'s lock (the guard proves it).
+fn slots_to_read(_locked: &Shared) -> &UseSlots {
+    // SAFETY: as in `slots`; no writer while the lock is held.
+    unsafe { &*SLOTS.load(Ordering::Relaxed) }
+}
+
+pub static SHARED: PgLwLock<Shared> = unsafe { PgLwLock::new(c"keyhippo_pending_uses") };
 
 /// Whether this process belongs to a server that preloaded keyhippo (set in the postmaster
 /// before it forks, so every backend inherits it).
 static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+/// Where the postmaster keeps the buffer across a clean restart (relative to the data
+/// directory, its working directory).
+const SAVED_USES: &str = "pg_stat/keyhippo_pending_uses";
+const SAVED_MAGIC: &[u8; 8] = b"KHUSES01";
+
+/// Saves the buffer when the postmaster exits cleanly (every other process has exited).
+#[pg_guard]
+unsafe extern "C-unwind" fn save_uses_at_exit(code: i32, _arg: pg_sys::Datum) {
+    let slots = SLOTS.load(Ordering::Relaxed);
+    // After a crash the buffer may be half-written: nothing is saved.
+    if code != 0 || slots.is_null() {
+        return;
+    }
+    // SAFETY: no other process is left to touch the buffer.
+    let slots = unsafe { &*slots };
+    let len = slots.len.min(CAPACITY);
+    if len == 0 {
+        return;
+    }
+    let mut out = Vec::with_capacity(16 + len * 28);
+    out.extend_from_slice(SAVED_MAGIC);
+    out.extend_from_slice(&(len as u64).to_le_bytes());
+    for i in 0..len {
+        out.extend_from_slice(&slots.dbs[i].to_le_bytes());
+        out.extend_from_slice(&slots.ids[i]);
+        out.extend_from_slice(&slots.at[i].to_le_bytes());
+    }
+    let tmp = format!("{SAVED_USES}.tmp");
+    if std::fs::write(&tmp, &out)
+        .and_then(|()| std::fs::rename(&tmp, SAVED_USES))
+        .is_err()
+    {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Reads the uses [`save_uses_at_exit`] saved, once, into the fresh buffer.
+fn load_saved_uses(slots: &mut UseSlots) {
+    let Ok(data) = std::fs::read(SAVED_USES) else {
+        return;
+    };
+    let _ = std::fs::remove_file(SAVED_USES);
+    if data.len() < 16 || &data[..8] != SAVED_MAGIC {
+        return;
+    }
+    let len = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes")) as usize;
+    let records = data[16..].chunks_exact(28).take(len.min(CAPACITY));
+    let mut n = 0;
+    for record in records {
+        slots.dbs[n] = u32::from_le_bytes(record[..4].try_into().expect("4 bytes"));
+        slots.ids[n].copy_from_slice(&record[4..20]);
+        slots.at[n] = i64::from_le_bytes(record[20..28].try_into().expect("8 bytes"));
+        n += 1;
+    }
+    slots.len = n;
+}
 
 /// Slots of [`Recent`]: a power of two.
 const RECENT_SLOTS: usize = 4096;
@@ -146,9 +288,8 @@ const RECENT_SLOTS: usize = 4096;
 /// Keys this backend has recently put in the buffer, and when: one entry per key per interval
 /// is enough, whatever the request rate. Direct-mapped (a key has one slot, chosen by its id's
 /// random bits; a key that takes another's slot makes that one be recorded again, which the
-/// worker folds into one write): 80 kB that stay in the CPU caches, where a hash map of every
-/// key recorded grew to hundreds of thousands of entries at a million keys (0.7 µs per verify,
-/// measured with `perf`).
+/// writer folds into one write): 80 kB that stay in the CPU caches, where a hash map of every
+/// key recorded would grow with the number of keys in service.
 struct Recent {
     ids: [[u8; 16]; RECENT_SLOTS],
     at: [i64; RECENT_SLOTS],
@@ -167,15 +308,15 @@ thread_local! {
         ids: [[0; 16]; RECENT_SLOTS],
         at: [i64::MIN; RECENT_SLOTS],
     }));
-    /// Whether this backend's database is the one the worker serves (looked up once).
-    static SERVED: RefCell<Option<bool>> = const { RefCell::new(None) };
+    /// Whether this backend's database may be served by the workers (looked up once).
+    static SERVED: Cell<Option<bool>> = const { Cell::new(None) };
 }
 
 pub fn init() {
     GucRegistry::define_int_guc(
         c"keyhippo.last_used_interval",
         c"Seconds between two recorded uses of the same API key.",
-        c"last_used_at is kept accurate to within this interval (plus the flush interval when the background worker is used).",
+        c"last_used_at is kept accurate to within this interval (plus the flush interval when the background workers are used).",
         &LAST_USED_INTERVAL,
         1,
         86_400,
@@ -184,32 +325,13 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"keyhippo.last_used_flush_interval",
-        c"Seconds between two writes of recorded key uses by keyhippo's background worker.",
+        c"Seconds between two writes of recorded key uses by keyhippo's background workers.",
         c"Only used when keyhippo is in shared_preload_libraries.",
         &FLUSH_INTERVAL,
         1,
         3_600,
         GucContext::Sighup,
         GucFlags::UNIT_S,
-    );
-    GucRegistry::define_string_guc(
-        c"keyhippo.database",
-        c"The database whose API key uses keyhippo's background worker records.",
-        c"Backends of other databases record uses with a throttled synchronous update. The worker connects at server start: changing this needs a restart to move it.",
-        &DATABASE,
-        // Not Postmaster: Postgres forbids defining such a setting after startup, which is
-        // when it is defined in servers that do not preload keyhippo.
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-
-    GucRegistry::define_bool_guc(
-        c"keyhippo.last_used_in_place",
-        c"Whether recorded key uses overwrite last_used_at in place instead of writing a new row version.",
-        c"Only for rows whose last_used_at is already set, in a table with no index on last_used_at that no publication replicates updates of. Off: every recorded use is a row update (transactional, decoded by logical replication, more WAL, dead row versions for VACUUM).",
-        &IN_PLACE,
-        GucContext::Suset,
-        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"keyhippo.verified_key_cache",
@@ -222,24 +344,17 @@ pub fn init() {
 
     // SAFETY: a plain read of a postmaster global during library load.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        pg_shmem_init!(PENDING = PendingUses::default());
-        // SAFETY: library load in the postmaster, single-threaded: our hooks chain the ones
+        pg_shmem_init!(SHARED = Shared::default());
+        crate::compat::request_shmem(request_slots);
+        // SAFETY: library load in the postmaster, single-threaded: our hook chains the one
         // installed before.
         unsafe {
-            PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
-            pg_sys::shmem_request_hook = Some(request_slots);
             PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
             pg_sys::shmem_startup_hook = Some(attach_slots);
         }
         crate::cache::init_shmem();
         PRELOADED.store(true, Ordering::Relaxed);
-        BackgroundWorkerBuilder::new("keyhippo last_used_at writer")
-            .set_type("keyhippo")
-            .set_library("keyhippo")
-            .set_function("keyhippo_usage_worker_main")
-            .enable_spi_access()
-            .set_restart_time(Some(Duration::from_secs(5)))
-            .load();
+        crate::worker::register_launcher();
     }
 }
 
@@ -251,34 +366,34 @@ pub fn due(last_used: Option<i64>, now: i64) -> bool {
     last_used.is_none_or(|used| now.saturating_sub(used) >= interval)
 }
 
-/// Whether this server preloaded keyhippo (shared memory and the worker exist).
+/// Whether this server preloaded keyhippo (shared memory and the workers exist).
 pub fn preloaded() -> bool {
     PRELOADED.load(Ordering::Relaxed)
 }
 
-/// Whether this backend can hand uses to the background worker.
-pub fn worker_serves_this_database() -> bool {
-    if !PRELOADED.load(Ordering::Relaxed) {
+/// Whether this backend hands uses to the background workers: keyhippo is preloaded, this is
+/// not `pg_upgrade`, and this database is not a template (no worker ever connects to one).
+pub fn served_here() -> bool {
+    if !preloaded() {
         return false;
     }
     SERVED.with(|served| {
-        *served.borrow_mut().get_or_insert_with(|| {
-            let Some(name) = DATABASE.get() else {
-                return false;
-            };
-            // SAFETY: backend-local catalog lookup; missing_ok = true.
-            let oid = unsafe { pg_sys::get_database_oid(name.as_ptr(), true) };
-            oid != pg_sys::InvalidOid && oid == unsafe { pg_sys::MyDatabaseId }
-        })
+        if let Some(known) = served.get() {
+            return known;
+        }
+        // SAFETY: reads of backend state and one syscache lookup of this database's row.
+        let known = unsafe {
+            !pg_sys::IsBinaryUpgrade && !crate::worker::is_template(pg_sys::MyDatabaseId)
+        };
+        served.set(Some(known));
+        known
     })
 }
 
-/// Records a use of key `id`, whose row verify read at `tid`, at `now` (TimestampTz) for the
-/// background worker; `first`: the row's last_used_at is NULL (the write will be a new row
-/// version). Returns false when the caller must fall back to the synchronous update (not
-/// preloaded, another database, buffer full).
-pub fn record(id: pgrx::Uuid, tid: Tid, now: i64, first: bool) -> bool {
-    if !worker_serves_this_database() {
+/// Records a use of key `id` at `now` (TimestampTz) for the background workers. Returns false when the caller must fall
+/// back to the synchronous update (not served here, buffer full).
+pub fn record(id: pgrx::Uuid, now: i64) -> bool {
+    if !served_here() {
         return false;
     }
     let key = *id.as_bytes();
@@ -290,32 +405,31 @@ pub fn record(id: pgrx::Uuid, tid: Tid, now: i64, first: bool) -> bool {
     if fresh {
         return true;
     }
-    let row_update = first || !IN_PLACE.get();
+    // SAFETY: a plain read of backend state.
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let wake = {
-        let mut pending = PENDING.exclusive();
-        let len = pending.len;
+        let mut shared = SHARED.exclusive();
+        let uses = slots(&mut shared);
+        let len = uses.len;
         if len >= CAPACITY {
             return false;
         }
-        let slots = slots(&mut pending);
-        slots.ids[len] = key;
-        slots.blocks[len] = tid.block;
-        slots.offsets[len] = tid.offset;
-        slots.at[len] = now;
-        pending.len = len + 1;
-        if row_update {
-            pending.row_updates += 1;
-        }
-        if (row_update && pending.row_updates == ROW_UPDATE_BATCH) || pending.len == IN_PLACE_BATCH
-        {
-            pending.worker_latch
+        uses.dbs[len] = database;
+        uses.ids[len] = key;
+        uses.at[len] = now;
+        uses.len = len + 1;
+        if (len + 1) % WAKE_BATCH == 0 {
+            match shared.slot(database) {
+                Some(db) if db.writer_latch != 0 => db.writer_latch,
+                _ => shared.launcher_latch,
+            }
         } else {
             0
         }
     };
     if wake != 0 {
-        // SAFETY: the address of a latch in shared memory (the worker's PGPROC); setting a
-        // latch its owner has left is harmless.
+        // SAFETY: the address of a latch in shared memory (a worker's PGPROC); setting a latch
+        // its owner has left is harmless.
         unsafe { pg_sys::SetLatch(wake as *mut pg_sys::Latch) };
     }
     RECENT.with(|r| {
@@ -326,62 +440,78 @@ pub fn record(id: pgrx::Uuid, tid: Tid, now: i64, first: bool) -> bool {
     true
 }
 
-/// Takes everything out of the shared buffer: the latest use of each key.
-fn drain() -> Vec<Use> {
-    let uses = {
-        let mut pending = PENDING.exclusive();
-        let len = pending.len;
-        let slots = slots(&mut pending);
-        let uses: Vec<Use> = (0..len)
-            .map(|i| Use {
-                id: slots.ids[i],
-                tid: Tid {
-                    block: slots.blocks[i],
-                    offset: slots.offsets[i],
-                },
-                at: slots.at[i],
-            })
-            .collect();
-        pending.len = 0;
-        pending.row_updates = 0;
-        uses
-    };
-    crate::usage_writer::latest_per_key(uses)
+/// One recorded use of a key: its id, when (TimestampTz).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Use {
+    pub id: [u8; 16],
+    pub at: i64,
 }
 
-/// Writes `uses` where verify read the rows, and through the FLUSH statement those it could not
-/// (see `usage_writer`).
-fn write(client: &mut pgrx::spi::SpiClient<'_>, uses: &[Use]) -> Result<()> {
-    let rest = match crate::lookup::metadata_columns() {
-        // SAFETY: inside a transaction, as the worker (superuser) or the extension owner.
-        Some((table, id_att, used_att)) => unsafe {
-            crate::usage_writer::write(table, id_att, used_att, uses)
-        },
-        None => uses.to_vec(),
-    };
-    debug1!(
-        "keyhippo: {} key uses written where verify found the rows, {} by the UPDATE statement",
-        uses.len() - rest.len(),
-        rest.len()
-    );
-    if rest.is_empty() {
-        return Ok(());
+/// One use per key, the latest, in key order.
+pub fn latest_per_key(mut uses: Vec<Use>) -> Vec<Use> {
+    uses.sort_unstable_by(|a, b| a.id.cmp(&b.id).then(b.at.cmp(&a.at)));
+    uses.dedup_by(|later, kept| later.id == kept.id);
+    uses
+}
+
+/// Takes the uses of database `database` out of the shared buffer (the latest of each key).
+pub fn drain(database: u32) -> Vec<Use> {
+    let mut taken = Vec::new();
+    {
+        let mut shared = SHARED.exclusive();
+        let uses = slots(&mut shared);
+        let mut kept = 0;
+        for i in 0..uses.len {
+            if uses.dbs[i] == database {
+                taken.push(Use {
+                    id: uses.ids[i],
+                    at: uses.at[i],
+                });
+            } else {
+                uses.dbs[kept] = uses.dbs[i];
+                uses.ids[kept] = uses.ids[i];
+                uses.at[kept] = uses.at[i];
+                kept += 1;
+            }
+        }
+        uses.len = kept;
     }
-    let (ids, at): (Vec<pgrx::Uuid>, Vec<TimestampWithTimeZone>) = rest
-        .iter()
-        .filter_map(|u| {
-            let at = TimestampWithTimeZone::try_from(u.at).ok()?;
-            Some((pgrx::Uuid::from_bytes(u.id), at))
-        })
-        .unzip();
-    FLUSH.run(client, &[ids.into(), at.into()])?;
-    Ok(())
+    latest_per_key(taken)
+}
+
+/// Puts uses a writer could not write back into the buffer (as many as fit), for the next try.
+pub fn give_back(database: u32, uses: &[Use]) {
+    let mut shared = SHARED.exclusive();
+    let slots = slots(&mut shared);
+    for u in uses {
+        if slots.len >= CAPACITY {
+            break;
+        }
+        let i = slots.len;
+        slots.dbs[i] = database;
+        slots.ids[i] = u.id;
+        slots.at[i] = u.at;
+        slots.len += 1;
+    }
+}
+
+/// How many uses are buffered per database.
+pub fn pending_per_database() -> Vec<(u32, usize)> {
+    let mut counts: Vec<(u32, usize)> = Vec::new();
+    let shared = SHARED.share();
+    let uses = slots_to_read(&shared);
+    for &db in &uses.dbs[..uses.len] {
+        match counts.iter_mut().find(|(d, _)| *d == db) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((db, 1)),
+        }
+    }
+    counts
 }
 
 const FLUSH: Plan = Plan {
     // DISTINCT ON ... ORDER BY id: the latest use of each key, in key order, so the index and
-    // heap pages are visited in order (key ids grow with time, and so does the heap). A
-    // quarter cheaper than GROUP BY's hashed, random order on a million keys.
+    // heap pages are visited in order (key ids grow with time, and so does the heap).
     sql: "UPDATE keyhippo.api_key_metadata m SET last_used_at = v.used_at \
             FROM (SELECT DISTINCT ON (u.id) u.id, u.used_at \
                     FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::timestamptz[])) \
@@ -392,78 +522,25 @@ const FLUSH: Plan = Plan {
     mutating: true,
 };
 
-/// Writes the buffer to the table. On a standby (or before CREATE EXTENSION) the uses are
-/// dropped: there is nothing to write them to.
-fn flush() -> Result<usize> {
-    let uses = drain();
+/// Writes `uses` to this database's `api_key_metadata.last_used_at` with one UPDATE statement,
+/// never moving a time back.
+pub fn write(client: &mut pgrx::spi::SpiClient<'_>, uses: &[Use]) -> Result<()> {
     if uses.is_empty() {
-        return Ok(0);
+        return Ok(());
     }
-    // SAFETY: plain read of backend state.
-    if unsafe { pg_sys::RecoveryInProgress() } {
-        return Ok(0);
-    }
-    let n = uses.len();
-    BackgroundWorker::transaction(|| {
-        Spi::connect_mut(|client| -> Result<()> {
-            let installed = client
-                .select(
-                    "SELECT pg_catalog.to_regclass('keyhippo.api_key_metadata') IS NOT NULL",
-                    None,
-                    &[],
-                )?
-                .first()
-                .get::<bool>(1)?
-                .unwrap_or(false);
-            if installed {
-                // Recording use is not a change to audit.
-                client.update("SET LOCAL session_replication_role = replica", None, &[])?;
-                // Each row through its primary key, whatever the batch size: a hash or merge
-                // join would read the whole key table for a batch (at a million keys, tens of
-                // milliseconds per flush); the uses left to it are few (see usage_writer).
-                client.update("SET LOCAL enable_hashjoin = off", None, &[])?;
-                client.update("SET LOCAL enable_mergejoin = off", None, &[])?;
-                write(client, &uses)?;
-            }
-            Ok(())
+    let (ids, at): (Vec<pgrx::Uuid>, Vec<TimestampWithTimeZone>) = uses
+        .iter()
+        .filter_map(|u| {
+            let at = TimestampWithTimeZone::try_from(u.at).ok()?;
+            Some((pgrx::Uuid::from_bytes(u.id), at))
         })
-    })?;
-    Ok(n)
+        .unzip();
+    FLUSH.run(client, &[ids.into(), at.into()])?;
+    Ok(())
 }
 
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn keyhippo_usage_worker_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = DATABASE.get().map(|d| d.to_string_lossy().into_owned());
-    BackgroundWorker::connect_worker_to_spi(database.as_deref(), None);
-    // SAFETY: MyProc is this process's PGPROC, in shared memory for the life of the server.
-    let latch = unsafe { std::ptr::addr_of_mut!((*pg_sys::MyProc).procLatch) } as usize;
-    PENDING.exclusive().worker_latch = latch;
-    loop {
-        let interval = Duration::from_secs(FLUSH_INTERVAL.get().max(1) as u64);
-        let keep_running = BackgroundWorker::wait_latch(Some(interval));
-        if BackgroundWorker::sighup_received() {
-            // SAFETY: reloading the configuration file, as every process does on SIGHUP.
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-        }
-        // Also the final flush at shutdown: nothing recorded before SIGTERM is lost.
-        if let Err(e) = flush() {
-            log!("keyhippo: writing last_used_at failed: {e:?}");
-        }
-        // Background workers report table statistics only when asked; without this the dead
-        // row versions the flushes leave are invisible to autovacuum and never cleaned up.
-        // SAFETY: outside any transaction, as the main loop of every backend calls it.
-        unsafe { pg_sys::pgstat_report_stat(true) };
-        if !keep_running {
-            break;
-        }
-    }
-    PENDING.exclusive().worker_latch = 0;
-}
-
-/// Writes the shared buffer now (tests and operators: no need to wait for the worker).
-/// Returns how many keys had uses to write; 0 when keyhippo is not preloaded.
+/// Writes this database's buffered uses now (tests and operators: no need to wait for the
+/// worker). Returns how many keys had uses to write; 0 when keyhippo is not preloaded.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn flush_key_usage() -> i64 {
@@ -474,13 +551,19 @@ fn flush_key_usage() -> i64 {
         pg_sys::PreventCommandIfReadOnly(c"flush_key_usage()".as_ptr());
         pg_sys::PreventCommandDuringRecovery(c"flush_key_usage()".as_ptr());
     }
-    if !PRELOADED.load(Ordering::Relaxed) {
+    if !preloaded() {
         return 0;
     }
-    let uses = drain();
+    // SAFETY: a plain read of backend state.
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let uses = drain(database);
     if uses.is_empty() {
         return 0;
     }
-    crate::error::or_raise(Spi::connect_mut(|client| write(client, &uses)));
+    let written = Spi::connect_mut(|client| write(client, &uses));
+    if written.is_err() {
+        give_back(database, &uses);
+    }
+    crate::error::or_raise(written);
     uses.len() as i64
 }

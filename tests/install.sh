@@ -3,16 +3,15 @@
 # connections verifying keys and a third opening a new connection for every verify, while the
 # library and SQL files are replaced ten times. No process may crash: each file is renamed into
 # place (a new inode every time), never written over while processes run its code. Needs the
-# extension built and installed (bin/install). Ends with "install: N passed, N failed".
+# extension built and installed into the private build (bin/install). Ends with "install: N passed, N failed".
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PORT=${INSTALL_PORT:-55446}
 WORK="$ROOT/target/install-test"
-PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+. bin/env.sh
 LIB="$("$PG_CONFIG" --pkglibdir)/keyhippo.so"
-EXTRA_CONF="shared_preload_libraries = 'keyhippo'
-keyhippo.database = 'kh'" bin/cluster start install "$PORT" || exit 1
+EXTRA_CONF="shared_preload_libraries = 'keyhippo'" bin/cluster start install "$PORT" || exit 1
 trap 'bin/cluster stop install' EXIT
 PORT=$(bin/cluster port install)
 rm -rf "$WORK"; mkdir -p "$WORK"

@@ -6,11 +6,10 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-PGBIN=/usr/lib/postgresql/15/bin
+. bin/env.sh
 PORT=${LAST_USED_PORT:-55441}
 STANDBY="$ROOT/target/clusters/last_used/standby"  # inside the primary's directory: owned by postgres
 EXTRA_CONF="shared_preload_libraries = 'keyhippo'
-keyhippo.database = 'kh'
 keyhippo.last_used_flush_interval = 1
 keyhippo.verified_key_cache = on" bin/cluster start last_used "$PORT" || exit 1
 cleanup() {

@@ -1,6 +1,6 @@
 # Shared by the shell test suites (tests/concurrency.sh, tests/last_used.sh); source it after
 # setting PGPORT.
-PGBIN=/usr/lib/postgresql/15/bin
+[ -n "${PGBIN:-}" ] || . "$ROOT/bin/env.sh"
 export PGHOST=127.0.0.1 PGUSER=postgres PGDATABASE=kh
 
 q() { "$PGBIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }

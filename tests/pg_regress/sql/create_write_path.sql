@@ -1,6 +1,6 @@
--- What create_api_key writes, on its direct write path (src/direct_insert.rs) and on the SQL
--- statement it falls back to when the tables were altered: the same rows, the same audit row,
--- the foreign keys and the triggers still enforced.
+-- What create_api_key writes, through its one INSERT statement: the same rows and audit row a
+-- plain INSERT would give, the foreign keys and the triggers enforced (create_as_insert.sql: the
+-- triggers and column types a plain INSERT honours).
 \set ON_ERROR_STOP 0
 \set A '{"sub":"aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa","role":"authenticated"}'
 \echo '--- the result: a row type with the columns of KeyHippo 1.2.5 RETURNS TABLE; SECURITY DEFINER,'
