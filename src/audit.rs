@@ -108,7 +108,8 @@ const INSERT_AUDIT: Plan = Plan {
 unsafe fn row_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> Result<Value> {
     unsafe {
         let record = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
-        let json = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::row_to_json, &[Some(record)]);
+        let json =
+            pgrx::fcinfo::direct_function_call_as_datum(pg_sys::row_to_json, &[Some(record)]);
         let text = json
             .and_then(|json| <&str as pgrx::FromDatum>::from_datum(json, false))
             .unwrap_or("null");
@@ -219,8 +220,7 @@ unsafe fn only_last_used_at_differs(
                 let attnum = (i + 1) as i32;
                 let o = pg_sys::heap_getattr(old, attnum, desc, &mut old_null);
                 let n = pg_sys::heap_getattr(new, attnum, desc, &mut new_null);
-                old_null == new_null
-                    && (old_null || same_bytes(o, n, a.attbyval, a.attlen))
+                old_null == new_null && (old_null || same_bytes(o, n, a.attbyval, a.attlen))
             })
     }
 }

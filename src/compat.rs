@@ -18,7 +18,14 @@ pub unsafe fn index_beginscan(
 ) -> pg_sys::IndexScanDesc {
     #[cfg(feature = "pg18")]
     unsafe {
-        pg_sys::index_beginscan(heap, index, snapshot, std::ptr::null_mut(), nkeys, norderbys)
+        pg_sys::index_beginscan(
+            heap,
+            index,
+            snapshot,
+            std::ptr::null_mut(),
+            nkeys,
+            norderbys,
+        )
     }
     #[cfg(not(feature = "pg18"))]
     unsafe {

@@ -765,10 +765,7 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
     let now = crate::lookup::now();
     if let Some(cached) = crate::cache::lookup(&prefix, api_key, now) {
         return Ok(cached.map(|(verified, due)| {
-            if due
-                && !crate::usage::record(verified.id, now)
-                && crate::fallback_use::possible()
-            {
+            if due && !crate::usage::record(verified.id, now) && crate::fallback_use::possible() {
                 crate::fallback_use::record_at_commit(verified.id);
             }
             verified
@@ -820,8 +817,7 @@ fn verified_from_row(
         permissions,
     };
     let due = crate::usage::due(row.last_used_at, now);
-    if due && !crate::usage::record(row.id, now) && crate::fallback_use::possible()
-    {
+    if due && !crate::usage::record(row.id, now) && crate::fallback_use::possible() {
         crate::fallback_use::record_at_commit(row.id);
     }
     let used_at = match row.last_used_at {

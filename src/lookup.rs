@@ -584,4 +584,3 @@ unsafe fn snapshot() -> pg_sys::Snapshot {
         }
     }
 }
-

@@ -429,7 +429,10 @@ mod tests {
         write_uses(&[use_of(a, "2029-12-31 00:00:00+00")]);
         assert_eq!(last_used_text(a).as_deref(), Some("2030-01-03 00:00:00"));
         // A deleted key's use is nothing to write, and no error.
-        Spi::run(&format!("DELETE FROM keyhippo.api_key_metadata WHERE id = '{b}'")).unwrap();
+        Spi::run(&format!(
+            "DELETE FROM keyhippo.api_key_metadata WHERE id = '{b}'"
+        ))
+        .unwrap();
         write_uses(&[use_of(b, "2030-03-01 00:00:00+00")]);
     }
 

@@ -26,13 +26,18 @@ use pgrx::datum::TimestampWithTimeZone;
 /// Uses held between two writes. A full buffer makes verify fall back to the synchronous path.
 pub const CAPACITY: usize = 128 * 1024;
 
-/// Uses that wake their database's writer (or the launcher) before the flush interval is up.
+/// Uses that wake their database's writer before the flush interval is up (a database with no
+/// writer wakes the launcher at its first use, which starts one).
 /// Small batches keep the writes cheap: a key row's page has room (fillfactor 80) for a few new
 /// row versions, so a write that updates a few rows per page makes each a HOT update (no index
 /// entries), where one that updated every row of a page would move most of them to other pages
 /// and insert an entry in each of the table's indexes for each. And each row is found by its
 /// primary key (nested loop) instead of a scan of the whole table.
 const WAKE_BATCH: usize = 2048;
+
+/// How often (microseconds) verify wakes the launcher at most for a database that has no writer
+/// and does not get one (paused, or every writer slot taken).
+const WAKE_AGAIN_AFTER: i64 = 1_000_000;
 
 /// Databases whose writing the workers keep track of at once (status, writer, pause).
 pub const MAX_DATABASES: usize = 32;
@@ -58,6 +63,9 @@ pub struct DbSlot {
     pub paused_until: i64,
     /// After a failed write, no new writer before this time (TimestampTz).
     pub retry_at: i64,
+    /// When a verify last woke the launcher for this database, which had no writer
+    /// (TimestampTz); 0 once a writer has come and gone, or a pause has ended.
+    pub woken_at: i64,
     /// The last successful write (TimestampTz), 0 if none yet.
     pub last_write: i64,
     /// Key uses written since the server started.
@@ -76,6 +84,7 @@ impl DbSlot {
         starting_since: 0,
         paused_until: 0,
         retry_at: 0,
+        woken_at: 0,
         last_write: 0,
         written: 0,
         installed: 0,
@@ -138,7 +147,10 @@ impl Shared {
                             .min_by_key(|&i| self.dbs[i].last_write)
                     })
                     .unwrap_or(0);
-                self.dbs[i] = DbSlot { oid, ..DbSlot::FREE };
+                self.dbs[i] = DbSlot {
+                    oid,
+                    ..DbSlot::FREE
+                };
                 i
             }
         };
@@ -418,13 +430,23 @@ pub fn record(id: pgrx::Uuid, now: i64) -> bool {
         uses.ids[len] = key;
         uses.at[len] = now;
         uses.len = len + 1;
-        if (len + 1) % WAKE_BATCH == 0 {
-            match shared.slot(database) {
-                Some(db) if db.writer_latch != 0 => db.writer_latch,
-                _ => shared.launcher_latch,
+        let launcher = shared.launcher_latch;
+        match shared.slot(database) {
+            // A writer is there: woken for each batch.
+            Some(db) if db.writer_pid != 0 => {
+                if (len + 1) % WAKE_BATCH == 0 {
+                    db.writer_latch
+                } else {
+                    0
+                }
             }
-        } else {
-            0
+            // One is starting, or the launcher was woken for this database a moment ago.
+            Some(db) if db.starting_since != 0 || now - db.woken_at < WAKE_AGAIN_AFTER => 0,
+            // No writer: the launcher starts one.
+            _ => {
+                shared.slot_or_new(database).woken_at = now;
+                launcher
+            }
         }
     };
     if wake != 0 {

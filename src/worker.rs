@@ -1,12 +1,13 @@
 //! The background workers that write recorded key uses, in every database, with no
 //! configuration.
 //!
-//! A *launcher* (one per server, started with it, connected to no database) wakes every
-//! `keyhippo.last_used_flush_interval` seconds, or sooner when verify has buffered a batch, and
-//! starts a *writer* for each database with uses waiting that has none. A writer connects to its
-//! database, writes that database's uses with one `UPDATE` per batch, and exits once nothing
-//! has come for a flush interval (or after [`WRITER_LIFETIME`], so that the writers take turns
-//! when more databases are busy than [`MAX_WRITERS`]). Writers are short-lived on purpose: a
+//! A *launcher* (one per server, started with it, connected to no database) starts a *writer*
+//! for each database with uses waiting that has none: woken by the first use recorded in such a
+//! database, and every `keyhippo.last_used_flush_interval` seconds. A writer connects to its
+//! database, writes that database's uses with one `UPDATE` per batch (every flush interval, or
+//! sooner when verify has buffered a batch), and exits once nothing has come for a flush
+//! interval, or after [`WRITER_LIFETIME`] when another database is waiting for a writer (the
+//! writers take turns when more databases are busy than [`MAX_WRITERS`]). Writers are short-lived on purpose: a
 //! database nobody uses has no worker connected to it, and `max_worker_processes` is not taken
 //! up by one process per database.
 //!
@@ -190,8 +191,7 @@ fn launch_writers() {
             let slot = shared.slot_or_new(db);
             let starting = slot.starting_since != 0 && now - slot.starting_since < START_TIMEOUT;
             if slot.writer_pid != 0 || starting {
-                // Its writer is there (or coming): wake it for the batch.
-                set_latch(slot.writer_latch);
+                // Its writer is there (or coming), and writes on its own schedule.
                 continue;
             }
             if slot.paused_until > now || slot.retry_at > now || running >= MAX_WRITERS {
@@ -225,12 +225,19 @@ fn launch_writers() {
 unsafe extern "C-unwind" fn release_slot(_code: i32, arg: pg_sys::Datum) {
     let db = arg.value() as u32;
     let pid = unsafe { pg_sys::MyProcPid };
-    if let Some(slot) = SHARED.exclusive().slot(db) {
-        if slot.writer_pid == pid {
-            slot.writer_pid = 0;
-            slot.writer_latch = 0;
+    let launcher = {
+        let mut shared = SHARED.exclusive();
+        if let Some(slot) = shared.slot(db) {
+            if slot.writer_pid == pid {
+                slot.writer_pid = 0;
+                slot.writer_latch = 0;
+                slot.woken_at = 0;
+            }
         }
-    }
+        shared.launcher_latch
+    };
+    // Another database may be waiting for a writer slot.
+    set_latch(launcher);
 }
 
 #[pg_guard]
@@ -273,7 +280,7 @@ pub extern "C-unwind" fn keyhippo_writer_main(arg: pg_sys::Datum) {
         } else if now() - idle_since >= flush_interval_micros() {
             break;
         }
-        if now() - started >= WRITER_LIFETIME {
+        if now() - started >= WRITER_LIFETIME && others_waiting(db) {
             break;
         }
         if !BackgroundWorker::wait_latch(Some(flush_interval())) {
@@ -294,6 +301,16 @@ pub extern "C-unwind" fn keyhippo_writer_main(arg: pg_sys::Datum) {
     // versions the writes leave are invisible to autovacuum.
     // SAFETY: outside any transaction, as the main loop of every backend calls it.
     unsafe { pg_sys::pgstat_report_stat(true) };
+}
+
+/// Whether a database other than `db` has uses waiting and no writer (so that a writer that has
+/// run its time leaves its slot to it).
+fn others_waiting(db: u32) -> bool {
+    let waiting = usage::pending_per_database();
+    let mut shared = SHARED.exclusive();
+    waiting
+        .iter()
+        .any(|&(other, _)| other != db && shared.slot(other).is_none_or(|s| s.writer_pid == 0))
 }
 
 /// Writes one batch of database `db`'s uses in a transaction of its own; false when the writer
@@ -332,9 +349,7 @@ fn write_batch(db: u32, uses: &[usage::Use]) -> bool {
         Err(match e {
             pg_sys::panic::CaughtError::PostgresError(report)
             | pg_sys::panic::CaughtError::ErrorReport(report) => report.message().to_string(),
-            pg_sys::panic::CaughtError::RustPanic { ereport, .. } => {
-                ereport.message().to_string()
-            }
+            pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
         })
     })
     .execute();
@@ -399,7 +414,10 @@ unsafe fn needs_database_alone(stmt: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
 }
 
 /// The string value of option `name` in a list of DefElem, if present.
-unsafe fn option(options: *mut pg_sys::List, name: &std::ffi::CStr) -> Option<*const std::ffi::c_char> {
+unsafe fn option(
+    options: *mut pg_sys::List,
+    name: &std::ffi::CStr,
+) -> Option<*const std::ffi::c_char> {
     unsafe {
         let options = pgrx::PgList::<pg_sys::DefElem>::from_pg(options);
         let found = options.iter_ptr().find_map(|def| {
@@ -445,6 +463,7 @@ impl Drop for Pause {
     fn drop(&mut self) {
         if let Some(slot) = SHARED.exclusive().slot(self.0) {
             slot.paused_until = 0;
+            slot.woken_at = 0;
         }
     }
 }
@@ -502,10 +521,17 @@ fn worker_status() -> TableIterator<
     ),
 > {
     // SAFETY: plain reads of backend state.
-    let (here, binary_upgrade) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::IsBinaryUpgrade) };
+    let (here, binary_upgrade) =
+        unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::IsBinaryUpgrade) };
     let preloaded = usage::preloaded();
     let (slots, pending) = if preloaded {
-        let slots: Vec<usage::DbSlot> = SHARED.share().dbs.iter().copied().filter(|s| s.oid != 0).collect();
+        let slots: Vec<usage::DbSlot> = SHARED
+            .share()
+            .dbs
+            .iter()
+            .copied()
+            .filter(|s| s.oid != 0)
+            .collect();
         (slots, usage::pending_per_database())
     } else {
         (Vec::new(), Vec::new())
@@ -526,14 +552,21 @@ fn worker_status() -> TableIterator<
             // SAFETY: as above; NULL when the database is gone.
             let name = unsafe {
                 let name = pg_sys::get_database_name(pg_sys::Oid::from(oid));
-                (!name.is_null()).then(|| std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned())
+                (!name.is_null()).then(|| {
+                    std::ffi::CStr::from_ptr(name)
+                        .to_string_lossy()
+                        .into_owned()
+                })
             };
             let slot = slots.iter().find(|s| s.oid == oid);
             let served = preloaded
                 && !binary_upgrade
                 && state == DbState::Connectable
                 && slot.is_none_or(|s| s.installed != 2);
-            let waiting = pending.iter().find(|(db, _)| *db == oid).map_or(0, |(_, n)| *n);
+            let waiting = pending
+                .iter()
+                .find(|(db, _)| *db == oid)
+                .map_or(0, |(_, n)| *n);
             Some((
                 name,
                 served,
