@@ -15,6 +15,13 @@ BEGIN
     RETURN extract(epoch FROM t_call - t_empty) * 1e6 / n;
 END $$;
 
+-- The same with the lookup as a prepared statement (keyhippo.verify_index_probes = off).
+CREATE OR REPLACE FUNCTION pg_temp.cost_verify_sql(n int) RETURNS double precision LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('keyhippo.verify_index_probes', 'off', true);
+    RETURN pg_temp.cost_verify(n);
+END $$;
+
 CREATE OR REPLACE FUNCTION pg_temp.cost_create(n int) RETURNS double precision LANGUAGE plpgsql AS $$
 DECLARE t0 timestamptz; t_call interval; t_empty interval; d text;
 BEGIN

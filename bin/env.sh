@@ -4,12 +4,16 @@
 #   PG_CONFIG   its pg_config
 #   PGRX_HOME   cargo-pgrx's configuration for the private builds (target/pgrx), so that
 #               cargo pgrx never uses, or installs into, a PostgreSQL of the machine's
+#   LD_LIBRARY_PATH  the build's lib directory first
 : "${ROOT:?set ROOT before sourcing bin/env.sh}"
 PG=${PG:-15}
 PGBIN=$("$ROOT/bin/pg" "$PG") || { echo "no PostgreSQL $PG build" >&2; exit 1; }
 PG_CONFIG=$PGBIN/pg_config
 PGRX_HOME=$ROOT/target/pgrx
-export PG PGBIN PG_CONFIG PGRX_HOME
+# The build's own libpq (its programs and libpqwalreceiver look for it where the build was
+# made, and would otherwise load another version's, or none).
+LD_LIBRARY_PATH=$(dirname "$PGBIN")/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export PG PGBIN PG_CONFIG PGRX_HOME LD_LIBRARY_PATH
 mkdir -p "$PGRX_HOME"
 # Every private build fetched so far, so cargo pgrx finds pgNN for each.
 {

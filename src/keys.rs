@@ -772,12 +772,15 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
         }));
     }
     let before = crate::cache::begin_lookup();
+    // The index probes (src/lookup.rs); the same lookup as a prepared statement when they are
+    // switched off or cannot find the extension's indexes.
     let find = || {
-        crate::lookup::find(&prefix).map_err(|()| {
-            KeyhippoError::Internal(
-                "keyhippo: keyhippo.api_key_metadata, api_key_secrets or their indexes are missing; reinstall the extension".into(),
-            )
-        })
+        if INDEX_PROBES.get() {
+            if let Ok(found) = crate::lookup::find(&prefix) {
+                return Ok(found);
+            }
+        }
+        find_by_statement(&prefix)
     };
     // Only a lookup whose row may be cached needs a snapshot of its own.
     let found = if crate::cache::keys_enabled() {
@@ -786,6 +789,49 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
         find()?
     };
     verified_from_row(api_key, &prefix, now, before, found)
+}
+
+/// `keyhippo.verify_index_probes`: verify finds a key with two index probes (on, the default)
+/// or with a prepared SQL statement (off: slower, for comparison; `make bench` measures both).
+pub static INDEX_PROBES: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(true);
+
+const FIND_KEY: Plan = Plan {
+    sql: "SELECT m.id, m.user_id, m.scope_id, m.last_used_at, m.expires_at, m.is_revoked, s.key_hash \
+            FROM keyhippo.api_key_metadata m \
+            JOIN keyhippo.api_key_secrets s ON s.key_metadata_id = m.id \
+           WHERE m.prefix = $1",
+    args: &[types::TEXT],
+    mutating: false,
+};
+
+/// The key row with this prefix and its hash, through a prepared statement run as the
+/// extension's owner (api_key_secrets is readable by no client role).
+fn find_by_statement(prefix: &str) -> Result<Option<crate::lookup::KeyRow>> {
+    crate::elevate::as_owner(|| {
+        Spi::connect(|client| {
+            let rows = FIND_KEY.run(&client, &[prefix.into()])?;
+            let Some(row) = rows.into_iter().next() else {
+                return Ok(None);
+            };
+            let (Some(id), Some(user_id), Some(expires_at), Some(is_revoked)) = (
+                row.get::<Uuid>(1)?,
+                row.get::<Uuid>(2)?,
+                row.get::<TimestampWithTimeZone>(5)?,
+                row.get::<bool>(6)?,
+            ) else {
+                return Ok(None);
+            };
+            Ok(Some(crate::lookup::KeyRow {
+                id,
+                user_id,
+                scope_id: row.get::<Uuid>(3)?,
+                key_hash: row.get::<String>(7)?.unwrap_or_default(),
+                expires_at: expires_at.into(),
+                last_used_at: row.get::<TimestampWithTimeZone>(4)?.map(i64::from),
+                is_revoked,
+            }))
+        })
+    })
 }
 
 /// Microseconds between the Unix epoch and Postgres' (2000-01-01).

@@ -346,6 +346,14 @@ pub fn init() {
         GucFlags::UNIT_S,
     );
     GucRegistry::define_bool_guc(
+        c"keyhippo.verify_index_probes",
+        c"Whether verify finds keys with two index probes instead of a prepared SQL statement.",
+        c"On (the default): the faster path. Off: the same lookup as a prepared statement, for comparison.",
+        &crate::keys::INDEX_PROBES,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
         c"keyhippo.verified_key_cache",
         c"Whether each backend caches the API keys it has verified.",
         c"Only when keyhippo is in shared_preload_libraries (the cache's invalidation needs shared memory). Off (the default): every verify looks the key up; permissions are cached either way.",

@@ -105,3 +105,19 @@ select s.id, p.id from keyhippo.scopes s, keyhippo_rbac.permissions p
  where s.name = 'lookup_scope' and p.name = 'manage_scopes';
 select permissions as after_grant from keyhippo.verify_api_key(:'k');
 rollback;
+
+\echo '--- the same answers through the prepared-statement lookup (keyhippo.verify_index_probes = off)'
+begin;
+insert into auth.users (id, email) values ('aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', 'a@example.com');
+select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
+set local role authenticated;
+select api_key as k, api_key_id as id from keyhippo.create_api_key('by statement') \gset
+reset role;
+set local keyhippo.verify_index_probes = off;
+set local role authenticated;
+select user_id, scope_id, permissions from keyhippo.verify_api_key(:'k');
+select count(*) as wrong_secret from keyhippo.verify_api_key(left(:'k', length(:'k') - 1) || 'x');
+select keyhippo.revoke_api_key(:'id') as revoked;
+select count(*) as after_revoke from keyhippo.verify_api_key(:'k');
+reset role;
+rollback;
