@@ -94,7 +94,7 @@ CREATE TABLE keyhippo.scope_permissions (
 
 -- Keys ---------------------------------------------------------------------------------------
 
--- Exactly the columns of KeyHippo 1.2.5, plus revoked_at (the seed-000 model).
+-- Exactly the columns of KeyHippo 1.2.5, plus revoked_at.
 CREATE TABLE keyhippo.api_key_metadata (
     id uuid PRIMARY KEY DEFAULT pg_catalog.gen_random_uuid(),
     user_id uuid NOT NULL,

@@ -237,15 +237,41 @@ BEGIN
 END
 $auth_trigger$;
 
--- JWT keys: the table-shaped interface of seed 000 ------------------------------------------------
+-- JWT keys: a table-shaped interface --------------------------------------------------------------
 
--- One row per JWT key the caller may see (RLS of api_key_metadata applies: security_invoker).
+-- One row per JWT key the caller may see: the rows of api_key_metadata its row level security
+-- lets the caller see. From PostgreSQL 15 on the view runs with the caller's rights
+-- (security_invoker), so the table's policies apply as they are. PostgreSQL 14 has no
+-- security_invoker: there the view reads as its owner and applies the same rules itself (the
+-- table owner and superusers see every row, service_role every row, authenticated its own
+-- rows or, for an admin, every row; nobody else any).
 -- token is NULL except in the RETURNING of the INSERT that minted it.
-CREATE VIEW keyhippo.jwt_api_keys WITH (security_invoker = true, security_barrier = true) AS
+CREATE VIEW keyhippo.jwt_api_keys WITH (security_barrier = true) AS
 SELECT m.id, m.id AS jti, m.user_id, m.description, m.created_at, m.expires_at, m.revoked_at,
        NULL::text AS token
   FROM keyhippo.api_key_metadata m
  WHERE m.prefix LIKE 'jwt\_%';
+DO $jwt_view$
+BEGIN
+    IF pg_catalog.current_setting('server_version_num')::int >= 150000 THEN
+        ALTER VIEW keyhippo.jwt_api_keys SET (security_invoker = true);
+    ELSE
+        CREATE OR REPLACE VIEW keyhippo.jwt_api_keys WITH (security_barrier = true) AS
+        SELECT m.id, m.id AS jti, m.user_id, m.description, m.created_at, m.expires_at,
+               m.revoked_at, NULL::text AS token
+          FROM keyhippo.api_key_metadata m
+         WHERE m.prefix LIKE 'jwt\_%'
+           AND (pg_catalog.pg_has_role(CURRENT_USER,
+                    (SELECT c.relowner FROM pg_catalog.pg_class c
+                      WHERE c.oid = 'keyhippo.api_key_metadata'::pg_catalog.regclass), 'USAGE')
+                OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER)
+                OR pg_catalog.pg_has_role(CURRENT_USER, 'service_role', 'USAGE')
+                OR (pg_catalog.pg_has_role(CURRENT_USER, 'authenticated', 'USAGE')
+                    AND (m.user_id = (SELECT keyhippo_internal.current_user_id())
+                         OR (SELECT keyhippo_internal.caller_is_admin()))));
+    END IF;
+END
+$jwt_view$;
 
 -- INSERT mints a token (description, and expires_at or one year); user_id may be omitted. A row
 -- inserted with revoked_at set is revoked at once, and its RETURNING has no token.
@@ -394,7 +420,7 @@ ALTER TABLE keyhippo.api_key_metadata
 
 -- Revocation ------------------------------------------------------------------------------------
 
--- is_revoked (KeyHippo) and revoked_at (seed 000) always agree, whichever one a caller sets, and
+-- is_revoked (KeyHippo 1.2.5) and revoked_at always agree, whichever one a caller sets, and
 -- a revoked key stays revoked.
 CREATE FUNCTION keyhippo_internal.sync_revocation() RETURNS trigger
 LANGUAGE plpgsql

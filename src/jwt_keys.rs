@@ -1,4 +1,4 @@
-//! JWT-format API keys (the seed-000 model): an HS256 token signed with the secret PostgREST
+//! JWT-format API keys: an HS256 token signed with the secret PostgREST
 //! uses, so PostgREST can check it without a lookup, identified by its `jti` (the metadata row
 //! id) and revocable through `revoked_at`. The token itself is never stored, only its hash.
 

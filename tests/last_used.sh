@@ -323,5 +323,14 @@ first=$(last_used "$id4")
 q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key4')" >/dev/null
 check "fallback: throttled (second verify within the interval writes nothing)" "$first" "$(last_used "$id4")"
 
+# 5. During pg_upgrade (the server started in binary-upgrade mode, -b) nothing of keyhippo's
+#    starts, preloaded or not.
+echo "shared_preload_libraries = 'keyhippo'" >>"$ROOT/target/clusters/last_used/data/postgresql.conf"
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$ROOT/target/clusters/last_used/data" -m fast -w stop >/dev/null
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$ROOT/target/clusters/last_used/data" -l "$ROOT/target/clusters/last_used/server.log" \
+    -o "-b" -w start >/dev/null || echo "binary-upgrade start failed"
+check "binary-upgrade mode: no keyhippo worker" "0 t" \
+    "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'keyhippo%'") $(q -c "SELECT current_setting('shared_preload_libraries') = 'keyhippo'")"
+
 echo "last_used: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

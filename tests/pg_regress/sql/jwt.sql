@@ -141,7 +141,7 @@ set local role authenticated;
 select keyhippo.revoke_api_key(:'id2') as revoked;
 select count(*) as revoked_token_verifies from keyhippo.verify_api_key(:'token2');
 
-\echo '--- the table-shaped interface of seed 000: keyhippo.jwt_api_keys'
+\echo '--- the table-shaped interface: keyhippo.jwt_api_keys'
 insert into keyhippo.jwt_api_keys (description) values ('From the view')
 returning token is not null as token_returned, jti = id as jti_is_id,
           user_id = 'aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa' as owned_by_a,

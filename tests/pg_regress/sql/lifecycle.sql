@@ -113,7 +113,7 @@ select count(*) as new_key_verifies from keyhippo.verify_api_key(:'key_a3');
 select id = :'id_a3' as is_new, description, claims, is_revoked
   from keyhippo.api_key_metadata where id in (:'id_a2', :'id_a3') order by is_revoked;
 
--- Revoking by a direct UPDATE of revoked_at (the seed-000 style) works the same way.
+-- Revoking by a direct UPDATE of revoked_at works the same way.
 select api_key as key_a4, api_key_id as id_a4 from keyhippo.create_api_key('Direct revoke') \gset
 update keyhippo.api_key_metadata set revoked_at = now() where id = :'id_a4';
 select is_revoked from keyhippo.api_key_metadata where id = :'id_a4';
