@@ -7,6 +7,8 @@
 #   BENCH_CREATE_JOBS  connections creating the keys in parallel (default: the number of cores)
 #   BENCH_COST_ROUNDS  rounds of each in-database cost loop; medians are reported (default 7)
 #   BENCH_FRESH_KEYS=1 keys never used before (default: in service, last_used_at already set)
+#   BENCH_RECORD_USES=0 no use is due during the run (last_used_at set now, interval a day):
+#                      what verify costs without recording and writing last_used_at
 #
 # The cluster runs the private PostgreSQL build of $PG (default 15) in the configuration a user
 # has by default: keyhippo preloaded (verify records uses in shared memory, background workers
@@ -28,12 +30,19 @@ OUT="$ROOT/target/bench"
 rm -rf "$OUT"; mkdir -p "$OUT"
 
 # Memory and WAL sized for a million keys (as anyone running that many would); everything else
-# as PostgreSQL ships it.
+# as PostgreSQL ships it: fsync on (the throwaway test clusters turn it off), synchronous_commit
+# on.
 conf="shared_buffers = 2GB
-max_wal_size = 4GB"
+max_wal_size = 4GB
+fsync = on"
 if [ "$PRELOAD" = 1 ]; then
     conf="$conf
 shared_preload_libraries = 'keyhippo'"
+fi
+RECORD=${BENCH_RECORD_USES:-1}
+if [ "$RECORD" = 0 ]; then
+    conf="$conf
+keyhippo.last_used_interval = 86400"
 fi
 EXTRA_CONF="$conf" bin/cluster start bench "$PORT"
 trap 'bin/cluster stop bench' EXIT
@@ -63,7 +72,10 @@ create_seconds=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", 
 # one (the row grows from NULL to a time). Bulk set-up as a restore would do it: no audit rows
 # (session_replication_role = replica).
 FRESH=${BENCH_FRESH_KEYS:-0}
-if [ "$FRESH" != 1 ]; then
+if [ "$RECORD" = 0 ]; then
+    q -c "SET session_replication_role = replica" \
+      -c "UPDATE keyhippo.api_key_metadata SET last_used_at = now()" >/dev/null
+elif [ "$FRESH" != 1 ]; then
     q -c "SET session_replication_role = replica" \
       -c "UPDATE keyhippo.api_key_metadata SET last_used_at = created_at - interval '1 day'" >/dev/null
 fi
@@ -159,7 +171,7 @@ echo "## keyhippo benchmark"
 echo
 echo "$(nproc) cores, $(free -g | awk '/^Mem/ {print $2}') GiB, $(uname -m), PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'), $(date -u +%Y-%m-%d)."
 echo "Keys: $N; pgbench -M prepared -c 2 -j 2 -T $SECONDS_PER_RUN; medians of $ROUNDS rounds ($COST_ROUNDS for the in-database loops);"
-echo "shared_preload_libraries: $([ "$PRELOAD" = 1 ] && echo keyhippo || echo none); synchronous_commit: $(q -c "SHOW synchronous_commit"); database: $(q -c "SELECT current_database()"); keys $([ "$FRESH" = 1 ] && echo 'never used before (BENCH_FRESH_KEYS=1)' || echo 'in service (last_used_at set a day before the run)')."
+echo "shared_preload_libraries: $([ "$PRELOAD" = 1 ] && echo keyhippo || echo none); fsync: $(q -c "SHOW fsync"); synchronous_commit: $(q -c "SHOW synchronous_commit"); database: $(q -c "SELECT current_database()"); keys $([ "$RECORD" = 0 ] && echo 'used just now, none due during the run (BENCH_RECORD_USES=0)' || { [ "$FRESH" = 1 ] && echo 'never used before (BENCH_FRESH_KEYS=1)' || echo 'in service (last_used_at set a day before the run)'; })."
 echo
 echo "| measurement | median | rounds |"
 echo "|---|---|---|"

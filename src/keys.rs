@@ -809,7 +809,7 @@ const FIND_KEY: Plan = Plan {
 fn find_by_statement(prefix: &str) -> Result<Option<crate::lookup::KeyRow>> {
     crate::elevate::as_owner(|| {
         Spi::connect(|client| {
-            let rows = FIND_KEY.run(&client, &[prefix.into()])?;
+            let rows = FIND_KEY.run(client, &[prefix.into()])?;
             let Some(row) = rows.into_iter().next() else {
                 return Ok(None);
             };

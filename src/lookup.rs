@@ -317,7 +317,7 @@ unsafe fn secret_hash_by_hash_index(
     unsafe {
         let id = found.id;
         let read = |slot: *mut pg_sys::TupleTableSlot| {
-            if !slot_value(slot, rels.secrets_key_att).is_some_and(|d| uuid_bytes(d) == id) {
+            if slot_value(slot, rels.secrets_key_att).is_none_or(|d| uuid_bytes(d) != id) {
                 return None;
             }
             Some(match slot_value(slot, rels.hash_att) {
@@ -344,7 +344,7 @@ unsafe fn secret_hash_by_hash_index(
 /// yet.
 unsafe fn slot_value(slot: *mut pg_sys::TupleTableSlot, att: i16) -> Option<pg_sys::Datum> {
     unsafe {
-        if ((*slot).tts_nvalid as i16) < att {
+        if (*slot).tts_nvalid < att {
             pg_sys::slot_getsomeattrs_int(slot, att as i32);
         }
         let i = (att - 1) as usize;

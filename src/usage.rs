@@ -442,7 +442,7 @@ pub fn record(id: pgrx::Uuid, now: i64) -> bool {
         match shared.slot(database) {
             // A writer is there: woken for each batch.
             Some(db) if db.writer_pid != 0 => {
-                if (len + 1) % WAKE_BATCH == 0 {
+                if (len + 1).is_multiple_of(WAKE_BATCH) {
                     db.writer_latch
                 } else {
                     0

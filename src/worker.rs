@@ -508,6 +508,7 @@ unsafe extern "C-unwind" fn step_aside(
 /// What the background workers are doing, per database: the databases they have written to or
 /// have uses waiting for, and this one.
 #[pg_extern(volatile, parallel_safe, schema = "keyhippo_internal")]
+#[allow(clippy::type_complexity)] // the row type pgrx derives the SQL result columns from
 fn worker_status() -> TableIterator<
     'static,
     (
