@@ -39,6 +39,9 @@ const MAX_WRITERS: usize = 3;
 const WRITER_LIFETIME: i64 = 60_000_000;
 /// A writer asked for and not started after this long (microseconds) is asked for again.
 const START_TIMEOUT: i64 = 60_000_000;
+/// At most how long (microseconds) after a failed write a writer tries again (sooner when the
+/// flush interval is shorter).
+const RETRY_AFTER_FAILURE: i64 = 10_000_000;
 /// How long a utility statement waits for a database's writer to leave (microseconds).
 const STEP_ASIDE_WAIT: i64 = 30_000_000;
 /// How long a pause lasts at most (microseconds), should the pausing backend never lift it.
@@ -369,7 +372,7 @@ fn write_batch(db: u32, uses: &[usage::Use]) -> bool {
         }
         Err(message) => {
             slot.set_error(&message);
-            slot.retry_at = now() + flush_interval_micros();
+            slot.retry_at = now() + flush_interval_micros().min(RETRY_AFTER_FAILURE);
             drop(shared);
             usage::give_back(db, uses);
             log!(

@@ -20,6 +20,19 @@ as_a="DO \$\$ BEGIN PERFORM set_config('request.jwt.claims', '{\"sub\":\"$USER_A
 # Creates a key for user A; prints "key id".
 new_key() { q -c "$as_a" -c "SELECT api_key || ' ' || api_key_id FROM keyhippo.create_api_key('$1')" | tail -1; }
 
+# psql before 15 shows only the last result of a -c holding several statements.
+SET_CONFIG_SHOWN=""
+[ "$("$PGBIN/psql" --version | sed -E 's/.* ([0-9]+)\..*/\1/')" -ge 15 ] && SET_CONFIG_SHOWN="f "
+# The failed transactions pgbench reports in log $1 (pgbench 15 and later count them; before,
+# a failing transaction aborts its client, which the log says).
+failed_transactions() {
+    if grep -qE '^number of failed transactions' "$1"; then
+        grep -E '^number of failed transactions' "$1" | sed -E 's/[^:]*: ([0-9]+).*/\1/'
+    else
+        grep -c 'aborted in command' "$1"
+    fi
+}
+
 passed=0 failed=0
 check() { # name expected actual
     if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   - $1"
