@@ -175,6 +175,21 @@ struct UseSlots {
     at: [i64; CAPACITY],
 }
 
+impl UseSlots {
+    /// Appends one use; false when the buffer is full.
+    fn push(&mut self, database: u32, id: [u8; 16], at: i64) -> bool {
+        let i = self.len;
+        if i >= CAPACITY {
+            return false;
+        }
+        self.dbs[i] = database;
+        self.ids[i] = id;
+        self.at[i] = at;
+        self.len = i + 1;
+        true
+    }
+}
+
 /// This process's address of the shared [`UseSlots`] (set in the postmaster, inherited).
 static SLOTS: AtomicPtr<UseSlots> = AtomicPtr::new(std::ptr::null_mut());
 static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
@@ -431,13 +446,9 @@ pub fn record(id: pgrx::Uuid, now: i64) -> bool {
         let mut shared = SHARED.exclusive();
         let uses = slots(&mut shared);
         let len = uses.len;
-        if len >= CAPACITY {
+        if !uses.push(database, key, now) {
             return false;
         }
-        uses.dbs[len] = database;
-        uses.ids[len] = key;
-        uses.at[len] = now;
-        uses.len = len + 1;
         let launcher = shared.launcher_latch;
         match shared.slot(database) {
             // A writer is there: woken for each batch.
@@ -514,14 +525,9 @@ pub fn give_back(database: u32, uses: &[Use]) {
     let mut shared = SHARED.exclusive();
     let slots = slots(&mut shared);
     for u in uses {
-        if slots.len >= CAPACITY {
+        if !slots.push(database, u.id, u.at) {
             break;
         }
-        let i = slots.len;
-        slots.dbs[i] = database;
-        slots.ids[i] = u.id;
-        slots.at[i] = u.at;
-        slots.len += 1;
     }
 }
 
