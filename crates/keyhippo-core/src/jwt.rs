@@ -6,10 +6,11 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use hmac::{Hmac, Mac};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
-use crate::hash::constant_time_eq;
+type HmacSha256 = Hmac<Sha256>;
 
 /// The shortest signing secret accepted: HS256 keys shorter than the hash output are weak
 /// (RFC 7518, section 3.2).
@@ -33,23 +34,11 @@ pub enum JwtError {
     WeakSecret,
 }
 
-/// HMAC-SHA256 (RFC 2104).
+/// HMAC-SHA256 (RFC 2104) of `message` under `key`.
 pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut block_key = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        block_key[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block_key[..key.len()].copy_from_slice(key);
-    }
-    let mut inner = Sha256::new();
-    inner.update(block_key.map(|b| b ^ 0x36));
-    inner.update(message);
-    let inner = inner.finalize();
-    let mut outer = Sha256::new();
-    outer.update(block_key.map(|b| b ^ 0x5c));
-    outer.update(inner);
-    outer.finalize().into()
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
 }
 
 /// Signs `header.payload` given as JSON texts; returns the compact token.
@@ -109,10 +98,10 @@ pub fn verify(token: &str, secret: &[u8]) -> Result<Map<String, Value>, JwtError
         .decode(signature)
         .map_err(|_| JwtError::Malformed)?;
     let signing_input = &token[..header.len() + 1 + payload.len()];
-    let expected = hmac_sha256(secret, signing_input.as_bytes());
-    if !constant_time_eq(&expected, &given) {
-        return Err(JwtError::Signature);
-    }
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(signing_input.as_bytes());
+    // verify_slice compares in constant time.
+    mac.verify_slice(&given).map_err(|_| JwtError::Signature)?;
     let payload_json = URL_SAFE_NO_PAD
         .decode(payload)
         .map_err(|_| JwtError::Malformed)?;

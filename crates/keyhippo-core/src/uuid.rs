@@ -1,46 +1,21 @@
 //! Strict parsing of textual UUIDs, as found in a JWT's `sub` claim, and time-ordered UUIDs
 //! (version 7) for new rows.
 
+use uuid::Uuid;
+
 /// The canonical lower-case `8-4-4-4-12` text of a UUID (what Postgres prints).
 pub fn hyphenated(bytes: &[u8; 16]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(36);
-    for (i, b) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
-        }
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 0x0f)] as char);
-    }
-    out
+    Uuid::from_bytes(*bytes).hyphenated().to_string()
 }
 
 /// Parses a canonical UUID (`8-4-4-4-12` hex digits, any case). Anything else is None: a
-/// subject that is not a UUID identifies nobody.
+/// subject that is not a UUID identifies nobody. (The uuid crate also reads the simple, braced
+/// and URN forms; of those only the hyphenated form is 36 characters long.)
 pub fn parse(s: &str) -> Option<[u8; 16]> {
-    let b = s.as_bytes();
-    if b.len() != 36 {
+    if s.len() != 36 {
         return None;
     }
-    let mut out = [0u8; 16];
-    let mut nibble = 0;
-    for (i, &c) in b.iter().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if c != b'-' {
-                return None;
-            }
-            continue;
-        }
-        let v = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            b'A'..=b'F' => c - b'A' + 10,
-            _ => return None,
-        };
-        out[nibble / 2] |= if nibble % 2 == 0 { v << 4 } else { v };
-        nibble += 1;
-    }
-    Some(out)
+    Uuid::try_parse(s).ok().map(|u| *u.as_bytes())
 }
 
 /// A version 7 UUID (RFC 9562): 48 bits of Unix time in milliseconds, then 74 random bits.
@@ -50,12 +25,9 @@ pub fn parse(s: &str) -> Option<[u8; 16]> {
 /// where random ids land on a random page of an index that outgrows memory (a read and a dirty
 /// page per insert). The creation time they reveal is already in `created_at`.
 pub fn v7(unix_millis: u64, random: [u8; 10]) -> [u8; 16] {
-    let mut u = [0u8; 16];
-    u[..6].copy_from_slice(&unix_millis.to_be_bytes()[2..]);
-    u[6..].copy_from_slice(&random);
-    u[6] = 0x70 | (u[6] & 0x0f); // version 7
-    u[8] = 0x80 | (u[8] & 0x3f); // RFC 9562 variant
-    u
+    *uuid::Builder::from_unix_timestamp_millis(unix_millis, &random)
+        .into_uuid()
+        .as_bytes()
 }
 
 /// A version 7 UUID for now, with randomness from the operating system.
