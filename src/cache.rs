@@ -1,7 +1,8 @@
 //! Per-backend caches of verified keys and of permissions, safe against revocation and
 //! permission changes in any other backend.
 //!
-//! Only when keyhippo is preloaded (it needs shared memory). Two shared counters:
+//! Only when keyhippo is preloaded (it needs shared memory). Two shared counters
+//! (src/pg/shmem.rs):
 //! - `EPOCH`, bumped whenever a transaction starts changing anything verify depends on (key
 //!   rows, hashes, scopes, RBAC), and again when that transaction commits or aborts;
 //! - `IN_FLIGHT`, the number of such transactions not yet finished.
@@ -21,19 +22,18 @@
 //! two-phase commit leaves `IN_FLIGHT` raised, which switches caching off until restart: safe,
 //! only slower.)
 
-use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, register_xact_callback, PgAtomic, PgXactCallbackEvent};
+use pgrx::{register_xact_callback, PgXactCallbackEvent};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::keys::VerifiedKey;
+use crate::model::{Permissions, PermissionsOf, VerifiedKey};
+use crate::pg::backend;
+use crate::pg::shmem::{self, CACHE_EPOCH as EPOCH, CACHE_IN_FLIGHT as IN_FLIGHT};
+use crate::{settings, usage};
 use keyhippo_core::hash;
-
-static EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"keyhippo_cache_epoch") };
-static IN_FLIGHT: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"keyhippo_cache_in_flight") };
 
 /// Entries kept per backend; the cache is emptied when it would grow past this.
 const MAX_ENTRIES: usize = 100_000;
@@ -49,49 +49,6 @@ struct Entry {
     used_at: i64,
 }
 
-/// A key's permissions: the names, and the `text[]` value verify returns, built once per cached
-/// set (building the array for every verify cost about 2,000 instructions).
-pub struct Permissions {
-    pub names: Vec<String>,
-    /// The flat array varlena, in 8-byte words so that it is aligned as PostgreSQL expects.
-    array: std::cell::OnceCell<Vec<u64>>,
-}
-
-impl Permissions {
-    pub fn new(names: Vec<String>) -> Rc<Permissions> {
-        Rc::new(Permissions {
-            names,
-            array: std::cell::OnceCell::new(),
-        })
-    }
-
-    /// The names as a `text[]` datum pointing into this value: valid while it lives, for a
-    /// caller that copies it (as `tuplestore_putvalues` does).
-    pub fn array_datum(&self) -> pg_sys::Datum {
-        let words = self.array.get_or_init(|| {
-            let datum = self.names.clone().into_datum().expect("an array");
-            // SAFETY: into_datum returned a flat (non-expanded) array varlena we own.
-            unsafe {
-                let ptr = datum.cast_mut_ptr::<pg_sys::varlena>();
-                let len = pgrx::varlena::varsize_any(ptr);
-                let mut words = vec![0u64; len.div_ceil(8)];
-                std::ptr::copy_nonoverlapping(ptr as *const u8, words.as_mut_ptr().cast(), len);
-                pg_sys::pfree(ptr.cast());
-                words
-            }
-        });
-        pg_sys::Datum::from(words.as_ptr())
-    }
-}
-
-/// Whose permissions: a scoped key's (its scope's that its owner holds) or a user's RBAC
-/// permissions.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PermissionsOf {
-    ScopedKey { scope: [u8; 16], user: [u8; 16] },
-    User([u8; 16]),
-}
-
 thread_local! {
     static PERMISSIONS: RefCell<HashMap<PermissionsOf, (Rc<Permissions>, u64)>> = RefCell::new(HashMap::new());
     static ENTRIES: RefCell<HashMap<String, Entry>> = RefCell::new(HashMap::new());
@@ -101,31 +58,15 @@ thread_local! {
     static LEAKED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Called from `_PG_init` while preloading.
-pub fn init_shmem() {
-    pg_shmem_init!(EPOCH);
-    pg_shmem_init!(IN_FLIGHT);
-}
-
-/// `keyhippo.verified_key_cache`: off by default. On, each backend also caches the keys it has
-/// verified; permissions are cached either way. Off by default: once the lookup became two
-/// index probes, `make bench` measured no gain beyond noise on uniformly random keys (100,000
-/// keys: 17.8k tps with it and 18.9k without in one run, 18.6k and 17.7k in the next) and a
-/// gain only when few keys come back to the same backends (1,000,000 keys, 10,000 of them
-/// used: 23.3k with it, 16.8k without), for up to 100,000 entries of memory per backend. See
-/// BENCHMARKS.md.
-pub static ENABLED: pgrx::GucSetting<bool> = pgrx::GucSetting::<bool>::new(false);
-
 /// Whether this backend can cache at all: the shared counters exist (keyhippo is preloaded), and
 /// it is not a hot standby (WAL replay fires no trigger, so nothing would tell it of a change).
 fn enabled() -> bool {
-    // SAFETY: reads shared recovery state.
-    crate::usage::preloaded() && !unsafe { pg_sys::RecoveryInProgress() }
+    shmem::preloaded() && !backend::in_recovery()
 }
 
 /// Whether verified keys themselves are cached (permissions are whenever [`enabled`]).
 pub fn keys_enabled() -> bool {
-    ENABLED.get() && enabled()
+    settings::VERIFIED_KEY_CACHE.get() && enabled()
 }
 
 fn now_micros() -> i64 {
@@ -138,7 +79,7 @@ fn now_micros() -> i64 {
 /// A cached verification of `api_key` (whose lookup prefix is `prefix`), if one is valid now.
 /// `Some(None)` means the cache knows the key is invalid (wrong secret for a cached prefix).
 /// With the key, whether its use at `now` (TimestampTz) is due to be recorded
-/// ([`crate::usage::due`] from the last use the entry knows): the entry then counts it as
+/// ([`usage::due`] from the last use the entry knows): the entry then counts it as
 /// recorded.
 pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedKey, bool)>> {
     if !keys_enabled() {
@@ -154,7 +95,7 @@ pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedK
         if !hash::verify_key(api_key, &entry.key_hash) {
             return Some(None);
         }
-        let due = crate::usage::due(Some(entry.used_at), now);
+        let due = usage::due(Some(entry.used_at), now);
         if due {
             entry.used_at = now;
         }
@@ -166,8 +107,7 @@ pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedK
 /// [`store`]; None when it may not be (caching off, a change in flight, a transaction-wide
 /// snapshot). A lookup whose result is to be cached must read with [`with_fresh_snapshot`].
 pub fn begin_lookup() -> Option<u64> {
-    // SAFETY: reads backend-local transaction state.
-    if !enabled() || unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+    if !enabled() || backend::snapshot_is_transaction_wide() {
         return None;
     }
     if IN_FLIGHT.get().load(Ordering::SeqCst) != 0 {
@@ -186,12 +126,7 @@ pub fn with_fresh_snapshot<R>(
     if before.is_none() {
         return f();
     }
-    // SAFETY: a registered copy of the latest snapshot, pushed and popped around `f`; an ERROR
-    // inside leaves it to the transaction's abort, which unwinds the snapshot stack.
-    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
-    let result = f();
-    unsafe { pg_sys::PopActiveSnapshot() };
-    result
+    backend::with_latest_snapshot(f)
 }
 
 /// The epoch of a lookup that began at `before`, if nothing changed while it ran: only then
@@ -265,10 +200,10 @@ pub fn store_permissions(before: Option<u64>, owner: PermissionsOf, permissions:
     });
 }
 
-/// Announces that the current transaction changes what verify depends on.
-fn begin_change() {
-    // SAFETY: plain read of a postmaster global inherited by every backend.
-    if !crate::usage::preloaded() || CHANGING.with(Cell::get) {
+/// Announces that the current transaction changes what verify depends on (the trigger
+/// `keyhippo_internal.note_key_change` on every table verify reads).
+pub fn begin_change() {
+    if !shmem::preloaded() || CHANGING.with(Cell::get) {
         return;
     }
     IN_FLIGHT.get().fetch_add(1, Ordering::SeqCst);
@@ -286,19 +221,4 @@ fn begin_change() {
     register_xact_callback(PgXactCallbackEvent::Prepare, || {
         LEAKED.with(|l| l.set(true))
     });
-}
-
-#[pg_schema]
-pub mod keyhippo_internal {
-    use pgrx::prelude::*;
-
-    /// Trigger function on every table verify reads: makes verified-key caches stale now and
-    /// again once the transaction ends.
-    #[pg_trigger]
-    fn note_key_change<'a>(
-        _trigger: &'a PgTrigger<'a>,
-    ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
-        super::begin_change();
-        Ok(None)
-    }
 }

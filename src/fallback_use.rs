@@ -12,10 +12,12 @@
 //! discarded with the subtransaction: recording a use never makes verify or the commit fail.
 
 use pgrx::prelude::*;
-use pgrx::{register_xact_callback, PgTryBuilder, PgXactCallbackEvent};
+use pgrx::{register_xact_callback, PgXactCallbackEvent};
 use std::cell::RefCell;
 
-use crate::plans::{types, Plan};
+use crate::pg::elevate::as_owner;
+use crate::pg::plans::{types, Plan};
+use crate::pg::{backend, subxact};
 
 /// Records a use without ever waiting: a row another transaction holds is skipped (that
 /// transaction is recording a use of its own, or revoking or changing the key).
@@ -36,12 +38,7 @@ thread_local! {
 /// Whether this transaction can record a use at commit: it may write (not READ ONLY, not a hot
 /// standby), and it is not SERIALIZABLE (where the write could make the commit fail).
 pub fn possible() -> bool {
-    // SAFETY: reads of backend-local state.
-    unsafe {
-        !pg_sys::XactReadOnly
-            && !pg_sys::RecoveryInProgress()
-            && pg_sys::XactIsoLevel < pg_sys::XACT_SERIALIZABLE as i32
-    }
+    backend::may_write_freely()
 }
 
 /// Notes a use of key `id`, written when this transaction commits.
@@ -68,36 +65,17 @@ fn write_pending() {
     let Some(ids) = PENDING.with(|p| p.borrow_mut().take()) else {
         return;
     };
-    // SAFETY: the pattern of PL/pgSQL's exception blocks: a subtransaction around the work, the
-    // memory context and resource owner restored after it whichever way it ends.
-    unsafe {
-        let context = pg_sys::CurrentMemoryContext;
-        let owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(context);
-        let written = PgTryBuilder::new(|| {
-            // Commit has released the statement's snapshot: the update takes one of its own
-            // (popped here, or by the subtransaction's abort).
-            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-            let done = crate::elevate::as_owner(|| {
+    subxact::discard_on_failure(|| {
+        // Commit has released the statement's snapshot: the update takes one of its own.
+        backend::with_transaction_snapshot(|| {
+            as_owner(|| {
                 Spi::connect_mut(|client| {
                     TOUCH_LAST_USED
                         .run(client, &[ids.clone().into()])
                         .map(|_| ())
                 })
             })
-            .is_ok();
-            pg_sys::PopActiveSnapshot();
-            done
+            .is_ok()
         })
-        .catch_others(|_| false)
-        .execute();
-        if written {
-            pg_sys::ReleaseCurrentSubTransaction();
-        } else {
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-        }
-        pg_sys::MemoryContextSwitchTo(context);
-        pg_sys::CurrentResourceOwner = owner;
-    }
+    });
 }

@@ -1,5 +1,5 @@
 //! Impersonation for the database owner: `login_as_user`, `login_as_anon` and `logout`
-//! (procedures in sql/finalize.sql) call the functions here.
+//! (procedures in sql/finalize.sql) call these, through src/api/impersonation.rs.
 //!
 //! An impersonation belongs to the backend that logged in: it is held in this backend's memory
 //! (who, and since when: it lasts one hour), so another session, even of the same role, neither
@@ -11,7 +11,9 @@ use pgrx::{register_xact_callback, PgXactCallbackEvent};
 use std::cell::Cell;
 
 use crate::error::{KeyhippoError, Result};
-use crate::plans::{types, Plan};
+use crate::pg::backend;
+use crate::pg::elevate::as_owner;
+use crate::pg::plans::{types, Plan};
 
 /// The user id recorded for `login_as_anon` (KeyHippo's convention): an anonymous session.
 pub const ANON_USER_ID: [u8; 16] = [0; 16];
@@ -56,13 +58,12 @@ pub fn impersonated_user() -> Result<Option<pgrx::Uuid>> {
     let Some(active) = ACTIVE.with(Cell::get) else {
         return Ok(None);
     };
-    // SAFETY: reads the clock.
-    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    let now = backend::clock();
     if now - active.since >= LIFETIME_MICROS || active.user == ANON_USER_ID {
         return Ok(None);
     }
     let user = pgrx::Uuid::from_bytes(active.user);
-    let expired = crate::elevate::as_owner(|| {
+    let expired = as_owner(|| {
         Spi::connect(|client| {
             Ok(RECORD_EXPIRED
                 .run(client, &[user.into()])?
@@ -120,7 +121,7 @@ const END: Plan = Plan {
     mutating: true,
 };
 
-fn begin(user_id: Option<pgrx::Uuid>) -> Result<()> {
+pub fn begin(user_id: Option<pgrx::Uuid>) -> Result<()> {
     Spi::connect_mut(|client| {
         let owner = SESSION_IS_OWNER
             .run(client, &[])?
@@ -151,14 +152,13 @@ fn begin(user_id: Option<pgrx::Uuid>) -> Result<()> {
         BEGIN.run(client, &[target.into(), function.into()])?;
         set_active(Some(Impersonation {
             user: *target.as_bytes(),
-            // SAFETY: reads the clock.
-            since: unsafe { pg_sys::GetCurrentTimestamp() },
+            since: backend::clock(),
         }));
         Ok(())
     })
 }
 
-fn end() -> Result<()> {
+pub fn end() -> Result<()> {
     let Some(active) = ACTIVE.with(Cell::get) else {
         return Err(KeyhippoError::WrongState(
             "keyhippo: this session is not impersonating anyone".into(),
@@ -168,24 +168,4 @@ fn end() -> Result<()> {
     Spi::connect_mut(|client| Ok::<_, KeyhippoError>(END.run(client, &[user.into()])?.len()))?;
     set_active(None);
     Ok(())
-}
-
-#[pg_schema]
-pub mod keyhippo_impersonation {
-    use pgrx::prelude::*;
-
-    /// Records an impersonation of `user_id` (NULL: an anonymous session) by the session user,
-    /// who must be a superuser or the database owner. Called by the login procedures.
-    #[pg_extern(volatile, security_definer, parallel_unsafe)]
-    #[search_path(pg_catalog, pg_temp)]
-    fn begin_impersonation(user_id: Option<pgrx::Uuid>) {
-        crate::error::or_raise(super::begin(user_id))
-    }
-
-    /// Ends this session's impersonation. Called by `logout()`.
-    #[pg_extern(volatile, security_definer, parallel_unsafe)]
-    #[search_path(pg_catalog, pg_temp)]
-    fn end_impersonation() {
-        crate::error::or_raise(super::end())
-    }
 }

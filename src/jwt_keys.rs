@@ -1,18 +1,18 @@
-//! JWT-format API keys: an HS256 token signed with the secret PostgREST
-//! uses, so PostgREST can check it without a lookup, identified by its `jti` (the metadata row
-//! id) and revocable through `revoked_at`. The token itself is never stored, only its hash.
+//! JWT-format API keys: HS256 tokens signed with PostgREST's secret, so that PostgREST accepts
+//! them as a request's JWT, and recorded like opaque keys (a row, the token's hash) so that they
+//! can be listed and revoked. Minting, finding one by its `jti`, and the request's JWT as a key.
 
-use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::{JsonB, Uuid};
 use serde_json::{json, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::audit::function_scope;
-use crate::context;
-use crate::error::{or_raise, KeyhippoError, Result};
-use crate::keys;
-use crate::plans::{types, Plan};
+use crate::error::{KeyhippoError, Result};
+use crate::model::VerifiedKey;
+use crate::pg::elevate::as_owner;
+use crate::pg::plans::{types, Plan};
+use crate::{permissions, request};
 use keyhippo_core::{hash, jwt};
 
 /// `api_key_metadata.prefix` of a JWT key is this followed by its jti: unique, and never of the
@@ -20,9 +20,9 @@ use keyhippo_core::{hash, jwt};
 pub const PREFIX: &str = "jwt_";
 
 /// The signing secret: `keyhippo.jwt_secret`, else Supabase's `app.settings.jwt_secret`.
-fn signing_secret() -> Result<String> {
-    let secret = context::setting("keyhippo.jwt_secret")
-        .or_else(|| context::setting("app.settings.jwt_secret"))
+pub fn signing_secret() -> Result<String> {
+    let secret = request::setting("keyhippo.jwt_secret")
+        .or_else(|| request::setting("app.settings.jwt_secret"))
         .ok_or_else(|| {
             KeyhippoError::WrongState(
                 "keyhippo: no JWT signing secret: set keyhippo.jwt_secret (or app.settings.jwt_secret) to PostgREST's jwt-secret"
@@ -57,45 +57,9 @@ pub fn lookup_prefix(token: &str) -> Option<String> {
     if claims.get("type")? != "api_key" || claims.get("exp")?.as_i64()? <= now_epoch() {
         return None;
     }
-    let jti = context::parse_uuid(claims.get("jti")?.as_str()?)?;
+    let jti = request::parse_uuid(claims.get("jti")?.as_str()?)?;
     Some(format!("{PREFIX}{jti}"))
 }
-
-/// `keyhippo.jwt_max_lifetime`: the longest lifetime a JWT key may be minted with. A JWT key is
-/// accepted, until it expires, by every service that shares the signing secret, without asking
-/// keyhippo: its lifetime is bounded.
-static JWT_MAX_LIFETIME: pgrx::GucSetting<Option<std::ffi::CString>> =
-    pgrx::GucSetting::<Option<std::ffi::CString>>::new(Some(c"1 year"));
-
-/// Defines the settings of JWT keys (from `_PG_init`).
-pub fn init() {
-    pgrx::GucRegistry::define_string_guc(
-        c"keyhippo.jwt_max_lifetime",
-        c"The longest lifetime (an interval) create_jwt_api_key accepts.",
-        c"Longer lifetimes are refused with SQLSTATE 22023.",
-        &JWT_MAX_LIFETIME,
-        pgrx::GucContext::Suset,
-        pgrx::GucFlags::default(),
-    );
-}
-
-/// The lifetime checks ($1: expires_in; $2: keyhippo.jwt_max_lifetime as text): not positive;
-/// longer than the maximum. Compared as the times they lead to from now (interval comparison
-/// counts a month as 30 days, so that '365 days' would exceed '1 year'), after a coarse interval
-/// check so that a huge interval is a refusal rather than a timestamp overflow.
-const LIFETIME_CHECK: Plan = Plan {
-    sql: "SELECT $1 <= interval '0', \
-                 CASE WHEN $1 > $2::interval + interval '1 month' THEN true \
-                      ELSE pg_catalog.now() + $1 > pg_catalog.now() + $2::interval END",
-    args: &[types::INTERVAL, types::TEXT],
-    mutating: false,
-};
-
-const EXPIRY_FROM_INTERVAL: Plan = Plan {
-    sql: "SELECT pg_catalog.now() + $1",
-    args: &[types::INTERVAL],
-    mutating: false,
-};
 
 const INSERT_JWT_KEY: Plan = Plan {
     sql: "INSERT INTO keyhippo.api_key_metadata \
@@ -164,68 +128,6 @@ pub fn insert_jwt_key(
     Ok((token, id))
 }
 
-/// Creates a JWT-format API key for the current user: an HS256 token with claims `sub`,
-/// `role`, `iat`, `exp`, `jti` and `type = 'api_key'`, returned once.
-#[pg_extern(volatile, security_definer, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-fn create_jwt_api_key(
-    description: Option<&str>,
-    expires_in: default!(Option<Interval>, "'1 year'"),
-    scope_name: default!(Option<&str>, "NULL"),
-) -> TableIterator<'static, (name!(api_key, String), name!(api_key_id, Uuid))> {
-    let _audit = function_scope("create_jwt_api_key");
-    TableIterator::once(or_raise(create_impl(description, expires_in, scope_name)))
-}
-
-fn create_impl(
-    description: Option<&str>,
-    expires_in: Option<Interval>,
-    scope_name: Option<&str>,
-) -> Result<(String, Uuid)> {
-    let user = keys::require_user()?;
-    let description = keys::validate_description(description)?;
-    let expires_in = expires_in.ok_or_else(|| {
-        KeyhippoError::InvalidArgument("keyhippo: expires_in must not be NULL".into())
-    })?;
-    signing_secret()?;
-    Spi::connect_mut(|client| {
-        let scope_id = keys::check_owner_and_scope(client, user, scope_name)?.scope_id;
-        let max = JWT_MAX_LIFETIME
-            .get()
-            .map(|m| m.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "1 year".into());
-        let check = LIFETIME_CHECK
-            .run(client, &[expires_in.into(), max.as_str().into()])?
-            .first();
-        if check.get::<bool>(1)?.unwrap_or(true) {
-            return Err(KeyhippoError::InvalidArgument(
-                "keyhippo: expires_in must be positive".into(),
-            ));
-        }
-        if check.get::<bool>(2)?.unwrap_or(true) {
-            return Err(KeyhippoError::InvalidArgument(format!(
-                "keyhippo: expires_in is longer than keyhippo.jwt_max_lifetime ({})",
-                max.chars().take(64).collect::<String>()
-            )));
-        }
-        let expires_at = EXPIRY_FROM_INTERVAL
-            .run(client, &[expires_in.into()])?
-            .first()
-            .get::<TimestampWithTimeZone>(1)?
-            .ok_or_else(|| {
-                KeyhippoError::InvalidArgument("keyhippo: expires_in must be positive".into())
-            })?;
-        insert_jwt_key(
-            client,
-            user,
-            scope_id,
-            Some(description),
-            None,
-            Some(expires_at),
-        )
-    })
-}
-
 /// The live key a JWT API key's jti names: known, of that subject, unrevoked, unexpired, and
 /// with its hash still stored (revocation deletes it, however it was written).
 const JTI_KEY: Plan = Plan {
@@ -242,14 +144,14 @@ pub enum ClaimsKey {
     /// No JWT, or a JWT that is not an API key (a user's session).
     NotAKey,
     /// A JWT API key whose jti is live: the key, with its permissions.
-    Live(keys::VerifiedKey),
+    Live(VerifiedKey),
     /// A JWT API key whose jti is revoked, expired or unknown.
     Dead,
 }
 
 /// The request's JWT as an API key (claim `type = 'api_key'`), if it is one.
 pub fn claims_key() -> Result<ClaimsKey> {
-    let Some(claims) = context::jwt_claims() else {
+    let Some(claims) = request::jwt_claims() else {
         return Ok(ClaimsKey::NotAKey);
     };
     if claims.get("type").and_then(Value::as_str) != Some("api_key") {
@@ -258,15 +160,15 @@ pub fn claims_key() -> Result<ClaimsKey> {
     let jti = claims
         .get("jti")
         .and_then(Value::as_str)
-        .and_then(context::parse_uuid);
+        .and_then(request::parse_uuid);
     let sub = claims
         .get("sub")
         .and_then(Value::as_str)
-        .and_then(context::parse_uuid);
+        .and_then(request::parse_uuid);
     let (Some(jti), Some(sub)) = (jti, sub) else {
         return Ok(ClaimsKey::Dead);
     };
-    let found = crate::elevate::as_owner(|| {
+    let found = as_owner(|| {
         Spi::connect(|client| {
             let rows = JTI_KEY.run(
                 client,
@@ -284,26 +186,10 @@ pub fn claims_key() -> Result<ClaimsKey> {
     let Some((id, scope_id)) = found else {
         return Ok(ClaimsKey::Dead);
     };
-    Ok(ClaimsKey::Live(keys::VerifiedKey {
+    Ok(ClaimsKey::Live(VerifiedKey {
         id,
         user_id: sub,
         scope_id,
-        permissions: keys::fresh_permissions(sub, scope_id)?,
+        permissions: permissions::fresh(sub, scope_id)?,
     }))
-}
-
-#[pg_schema]
-pub mod keyhippo_internal {
-    use pgrx::prelude::*;
-
-    /// For the pre-request hook: false when request.jwt.claims is a JWT API key whose jti is
-    /// unknown, revoked or expired.
-    #[pg_extern(volatile, security_definer, parallel_unsafe)]
-    #[search_path(pg_catalog, pg_temp)]
-    fn jwt_api_key_active() -> bool {
-        !matches!(
-            crate::error::or_raise(super::claims_key()),
-            super::ClaimsKey::Dead
-        )
-    }
 }

@@ -22,30 +22,42 @@ macro_rules! v1_function_info {
     };
 }
 
+// SQL entry points (the functions CREATE EXTENSION declares).
+mod api;
+
+// Logic, from the request down to the buffers: each imports only modules listed below it.
 mod audit;
 mod cache;
-mod compat;
-mod context;
-mod elevate;
-mod error;
+mod caller;
 mod expiry;
 mod fallback_use;
 mod impersonation;
+mod issue;
 mod jwt_keys;
-mod keys;
-mod lookup;
-mod plans;
+mod manage;
+mod permissions;
+mod request;
 mod usage;
+mod validate;
+mod verify;
 mod worker;
 
-/// Runs when the library is loaded: defines the GUCs and, when loaded through
-/// shared_preload_libraries, the shared buffer and background worker of `usage`.
+// Shared types, settings, errors, and the PostgreSQL glue (every `unsafe` call).
+mod error;
+mod model;
+mod pg;
+mod settings;
+
+/// Runs when the library is loaded: defines the settings and, when loaded through
+/// shared_preload_libraries, sets up shared memory and registers the background launcher.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     no_backtraces();
-    audit::init();
-    jwt_keys::init();
-    usage::init();
+    settings::define();
+    if pg::backend::preloading() {
+        pg::shmem::setup();
+        worker::register_launcher();
+    }
 }
 
 /// pgrx's panic hook captures a Rust backtrace for every error that crosses a guarded function,
@@ -65,8 +77,8 @@ extension_sql_file!(
     name = "audit",
     requires = [
         "bootstrap",
-        context::keyhippo_internal::current_user_id,
-        audit::keyhippo_internal::calling_function,
+        api::context::keyhippo_internal::current_user_id,
+        api::triggers::keyhippo_internal::calling_function,
     ]
 );
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);

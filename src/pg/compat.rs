@@ -16,6 +16,7 @@ pub unsafe fn index_beginscan(
     nkeys: i32,
     norderbys: i32,
 ) -> pg_sys::IndexScanDesc {
+    // SAFETY: the caller's obligations are the function's (see above).
     #[cfg(feature = "pg18")]
     unsafe {
         pg_sys::index_beginscan(
@@ -27,6 +28,7 @@ pub unsafe fn index_beginscan(
             norderbys,
         )
     }
+    // SAFETY: as above.
     #[cfg(not(feature = "pg18"))]
     unsafe {
         pg_sys::index_beginscan(heap, index, snapshot, nkeys, norderbys)

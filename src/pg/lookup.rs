@@ -9,25 +9,15 @@
 //!
 //! Every call into PostgreSQL goes through pgrx's bindings (an ERROR raised inside becomes a Rust
 //! panic that unwinds through this code); the calls whose signature differs between major
-//! versions go through [`crate::compat`]. The relations are resolved once per backend and
+//! versions go through [`super::compat`]. The relations are resolved once per backend and
 //! forgotten by a relation-cache invalidation callback (DROP / CREATE EXTENSION, ALTER TABLE ...).
 
 use pgrx::pg_sys;
 
 use std::cell::Cell;
-use std::ffi::CStr;
 
-/// What verify needs of one key.
-pub struct KeyRow {
-    pub id: pgrx::Uuid,
-    pub user_id: pgrx::Uuid,
-    pub scope_id: Option<pgrx::Uuid>,
-    pub key_hash: String,
-    /// Microseconds since 2000-01-01 (TimestampTz).
-    pub expires_at: i64,
-    pub last_used_at: Option<i64>,
-    pub is_revoked: bool,
-}
+use crate::model::KeyRow;
+use std::ffi::CStr;
 
 #[derive(Clone, Copy)]
 struct Rels {
@@ -263,7 +253,7 @@ impl Probe {
                 pg_sys::Oid::from(eq_proc),
                 value,
             );
-            let scan = crate::compat::index_beginscan(heap, idx, snapshot, 1, 0);
+            let scan = super::compat::index_beginscan(heap, idx, snapshot, 1, 0);
             (*scan).xs_want_itup = want_index_tuple;
             pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
             Probe {
@@ -565,12 +555,6 @@ pub fn find(prefix: &str) -> Result<Option<KeyRow>, ()> {
             is_revoked: found.is_revoked,
         }))
     }
-}
-
-/// The transaction's start time (what `now()` returns), as TimestampTz microseconds.
-pub fn now() -> i64 {
-    // SAFETY: plain read of transaction state.
-    unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
 }
 
 /// The active snapshot, or the transaction's when none is active.

@@ -17,7 +17,7 @@ use crate::error::{KeyhippoError, Result};
 
 /// Runs `f` as the owner of keyhippo's tables, with `search_path = pg_catalog, pg_temp`.
 pub fn as_owner<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
-    let owner = crate::lookup::owner().ok_or_else(|| {
+    let owner = super::lookup::owner().ok_or_else(|| {
         KeyhippoError::Internal(
             "keyhippo: keyhippo.api_key_secrets is missing; reinstall the extension".into(),
         )

@@ -1,0 +1,266 @@
+//! Issuing a key: checking its owner and scope, generating it, and writing its row, its hash
+//! and its audit row in one statement. Only the hash of the key is stored; the plaintext is
+//! returned once.
+
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::{JsonB, Uuid};
+
+use crate::error::{KeyhippoError, Result};
+use crate::pg::backend;
+use crate::pg::jsonb::{self, NewKeyRow};
+use crate::pg::plans::{types, Plan};
+use crate::{audit, caller, jwt_keys, settings, validate};
+use keyhippo_core::{hash, token};
+
+// Two statements, not one with `(SELECT ... WHERE name = $2)`: with a NULL scope the planner
+// folds that to false, finds the custom plan cheaper and re-plans at every call.
+const USER_EXISTS: Plan = Plan {
+    sql: "SELECT keyhippo_internal.user_exists($1)",
+    args: &[types::UUID],
+    mutating: false,
+};
+
+const SCOPE_ID: Plan = Plan {
+    sql: "SELECT s.id FROM keyhippo.scopes s WHERE s.name = $1",
+    args: &[types::TEXT],
+    mutating: false,
+};
+
+/// A key row, its hash and the key row's audit row, in one statement. The audit row is what the audit trigger would write
+/// (it skips this row: see `audit::self_audited`), built in Rust from the values inserted
+/// (`audit_jsonb`), so the statement needs no `RETURNING` row and no `to_jsonb`. The foreign
+/// key of the hash to the key row is checked at the end of the statement, when both are in.
+const INSERT_KEY: Plan = Plan {
+    sql: "WITH m AS ( \
+            INSERT INTO keyhippo.api_key_metadata \
+                (id, user_id, scope_id, description, prefix, claims, created_at, expires_at) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)), \
+          a AS ( \
+            INSERT INTO keyhippo.audit_log (id, action, table_name, data, user_id, function_name) \
+            VALUES ($9, 'INSERT', 'api_key_metadata', $10, $11, $12)) \
+          INSERT INTO keyhippo.api_key_secrets (key_metadata_id, key_hash) VALUES ($1, $13)",
+    args: &[
+        types::UUID,
+        types::UUID,
+        types::UUID,
+        types::TEXT,
+        types::TEXT,
+        types::JSONB,
+        types::TIMESTAMPTZ,
+        types::TIMESTAMPTZ,
+        types::UUID,
+        types::JSONB,
+        types::UUID,
+        types::TEXT,
+        types::TEXT,
+    ],
+    mutating: true,
+};
+
+/// What a new key row holds.
+pub struct NewKey<'a> {
+    pub user_id: Uuid,
+    pub scope_id: Option<Uuid>,
+    pub description: Option<&'a str>,
+    pub claims: Option<JsonB>,
+    pub expires_at: Option<TimestampWithTimeZone>,
+}
+
+/// Inserts a key row, its hash and its audit row; returns (plaintext key, id). `actor` is the
+/// calling user, for the audit row (None for an admin acting without one).
+pub fn insert_key(
+    client: &pgrx::spi::SpiClient<'_>,
+    key: NewKey<'_>,
+    actor: Option<Uuid>,
+) -> Result<(String, Uuid)> {
+    let new_key = token::generate();
+    let key_hash = hash::hash_key(&new_key.key);
+    // Time-ordered ids: appended at the right edge of the primary keys.
+    let id = Uuid::from_bytes(keyhippo_core::uuid::new_v7());
+    let created_at = backend::transaction_start();
+    let expires_at = match key.expires_at {
+        Some(at) => at.into(),
+        None => default_expiry(created_at),
+    };
+    let claims = match &key.claims {
+        Some(claims) => claims.0.to_string(),
+        None => "{}".to_string(),
+    };
+    let row = NewKeyRow {
+        id,
+        user_id: key.user_id,
+        scope_id: key.scope_id,
+        description: key.description,
+        prefix: &new_key.prefix,
+        claims: jsonb::from_text(&claims),
+        created_at,
+        expires_at,
+    };
+    let audit = jsonb::new_key_audit_row(&row);
+    let audit_id = Uuid::from_bytes(keyhippo_core::uuid::new_v7());
+    let _audited = audit::self_audited(*id.as_bytes());
+    let timestamp = |micros: i64| TimestampWithTimeZone::try_from(micros).ok();
+    INSERT_KEY.run(
+        client,
+        &[
+            id.into(),
+            key.user_id.into(),
+            key.scope_id.into(),
+            key.description.into(),
+            new_key.prefix.as_str().into(),
+            row.claims.argument(),
+            timestamp(created_at).into(),
+            timestamp(expires_at).into(),
+            audit_id.into(),
+            audit.argument(),
+            actor.into(),
+            audit::current_function().into(),
+            key_hash.as_str().into(),
+        ],
+    )?;
+    Ok((new_key.key, id))
+}
+
+/// The column default of `expires_at`: `now() + interval '100 years'`, computed as Postgres
+/// computes it (months are added in the session's time zone).
+fn default_expiry(now: i64) -> i64 {
+    backend::plus_months(now, 1200)
+}
+
+/// Checks that a new key's owner exists (in auth.users, when there is one) and resolves the
+/// scope name; an unknown scope is an error. (The key row's foreign key to auth.users, where
+/// there is one, then locks the owner's row as for any INSERT.)
+pub fn check_owner_and_scope(
+    client: &pgrx::spi::SpiClient<'_>,
+    user: Uuid,
+    scope_name: Option<&str>,
+) -> Result<OwnerCheck> {
+    // Every caller writes a key: refuse READ ONLY transactions and hot standbys here with the
+    // error an INSERT gets (25006), before anything is touched.
+    backend::prevent_write(audit::current_function().unwrap_or("keyhippo"));
+    let exists = USER_EXISTS
+        .run(client, &[user.into()])?
+        .first()
+        .get::<bool>(1)?
+        .unwrap_or(false);
+    if !exists {
+        return Err(KeyhippoError::UnknownUser(
+            "keyhippo: the authenticated user does not exist in auth.users".into(),
+        ));
+    }
+    Ok(OwnerCheck {
+        scope_id: scope_id(client, scope_name)?,
+    })
+}
+
+/// What [`check_owner_and_scope`] found.
+pub struct OwnerCheck {
+    pub scope_id: Option<Uuid>,
+}
+
+/// The id of scope `scope_name` (None for no scope); an unknown scope is an error.
+fn scope_id(client: &pgrx::spi::SpiClient<'_>, scope_name: Option<&str>) -> Result<Option<Uuid>> {
+    let Some(name) = scope_name else {
+        return Ok(None);
+    };
+    let scope = SCOPE_ID.run(client, &[name.into()])?;
+    let scope_id = if scope.is_empty() {
+        None
+    } else {
+        scope.first().get::<Uuid>(1)?
+    };
+    if scope_id.is_none() {
+        return Err(KeyhippoError::NotFound(format!(
+            "keyhippo: scope \"{}\" does not exist",
+            crate::error::echo(name)
+        )));
+    }
+    Ok(scope_id)
+}
+
+/// Creates a key for the calling user; returns (plaintext key, id).
+pub fn create(description: Option<&str>, scope_name: Option<&str>) -> Result<(String, Uuid)> {
+    let user = caller::require_user()?;
+    let description = validate::description(description)?;
+    Spi::connect_mut(|client| {
+        let owner = check_owner_and_scope(client, user, scope_name)?;
+        let new = NewKey {
+            user_id: user,
+            scope_id: owner.scope_id,
+            description: Some(description),
+            claims: None,
+            expires_at: None,
+        };
+        insert_key(client, new, Some(user))
+    })
+}
+
+/// The lifetime checks ($1: expires_in; $2: keyhippo.jwt_max_lifetime as text): not positive;
+/// longer than the maximum. Compared as the times they lead to from now (interval comparison
+/// counts a month as 30 days, so that '365 days' would exceed '1 year'), after a coarse interval
+/// check so that a huge interval is a refusal rather than a timestamp overflow.
+const LIFETIME_CHECK: Plan = Plan {
+    sql: "SELECT $1 <= interval '0', \
+                 CASE WHEN $1 > $2::interval + interval '1 month' THEN true \
+                      ELSE pg_catalog.now() + $1 > pg_catalog.now() + $2::interval END",
+    args: &[types::INTERVAL, types::TEXT],
+    mutating: false,
+};
+
+const EXPIRY_FROM_INTERVAL: Plan = Plan {
+    sql: "SELECT pg_catalog.now() + $1",
+    args: &[types::INTERVAL],
+    mutating: false,
+};
+
+/// Creates a JWT-format key for the calling user, valid for `expires_in` (at most
+/// `keyhippo.jwt_max_lifetime`); returns (token, id).
+pub fn create_jwt(
+    description: Option<&str>,
+    expires_in: Option<Interval>,
+    scope_name: Option<&str>,
+) -> Result<(String, Uuid)> {
+    let user = caller::require_user()?;
+    let description = validate::description(description)?;
+    let expires_in = expires_in.ok_or_else(|| {
+        KeyhippoError::InvalidArgument("keyhippo: expires_in must not be NULL".into())
+    })?;
+    jwt_keys::signing_secret()?;
+    Spi::connect_mut(|client| {
+        let scope_id = check_owner_and_scope(client, user, scope_name)?.scope_id;
+        let max = settings::JWT_MAX_LIFETIME
+            .get()
+            .map(|m| m.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "1 year".into());
+        let check = LIFETIME_CHECK
+            .run(client, &[expires_in.into(), max.as_str().into()])?
+            .first();
+        if check.get::<bool>(1)?.unwrap_or(true) {
+            return Err(KeyhippoError::InvalidArgument(
+                "keyhippo: expires_in must be positive".into(),
+            ));
+        }
+        if check.get::<bool>(2)?.unwrap_or(true) {
+            return Err(KeyhippoError::InvalidArgument(format!(
+                "keyhippo: expires_in is longer than keyhippo.jwt_max_lifetime ({})",
+                max.chars().take(64).collect::<String>()
+            )));
+        }
+        let expires_at = EXPIRY_FROM_INTERVAL
+            .run(client, &[expires_in.into()])?
+            .first()
+            .get::<TimestampWithTimeZone>(1)?
+            .ok_or_else(|| {
+                KeyhippoError::InvalidArgument("keyhippo: expires_in must be positive".into())
+            })?;
+        jwt_keys::insert_jwt_key(
+            client,
+            user,
+            scope_id,
+            Some(description),
+            None,
+            Some(expires_at),
+        )
+    })
+}

@@ -1,0 +1,308 @@
+//! Everything keyhippo keeps in shared memory, and its set-up when the library is preloaded:
+//! the buffer of recorded key uses and the background workers' state ([`SHARED`], its
+//! [`UseSlots`]), and the two counters that keep the per-backend caches correct
+//! ([`CACHE_EPOCH`], [`CACHE_IN_FLIGHT`]; see src/cache.rs). The buffer is saved to a file when
+//! the postmaster shuts down cleanly and read back at the next start.
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+
+/// Uses held between two writes. A full buffer makes verify fall back to the synchronous path.
+pub const CAPACITY: usize = 128 * 1024;
+
+/// Databases whose writing the workers keep track of at once (status, writer, pause).
+pub const MAX_DATABASES: usize = 32;
+
+/// What the workers know of one database's writing: in [`Shared::dbs`], under its lock.
+#[derive(Copy, Clone)]
+pub struct DbSlot {
+    /// The database's OID; 0: a free slot.
+    pub oid: u32,
+    /// The writer connected to it, 0 when none runs.
+    pub writer_pid: i32,
+    /// Address of that writer's latch (in shared memory), 0 when none runs.
+    pub writer_latch: usize,
+    /// When the launcher asked for a writer that has not started yet (TimestampTz), 0 if not.
+    pub starting_since: i64,
+    /// No writer connects before this time (TimestampTz): a utility statement that cannot run
+    /// while anyone is connected to the database is running (see [`crate::worker`]).
+    pub paused_until: i64,
+    /// After a failed write, no new writer before this time (TimestampTz).
+    pub retry_at: i64,
+    /// When a verify last woke the launcher for this database, which had no writer
+    /// (TimestampTz); 0 once a writer has come and gone, or a pause has ended.
+    pub woken_at: i64,
+    /// The last successful write (TimestampTz), 0 if none yet.
+    pub last_write: i64,
+    /// Key uses written since the server started.
+    pub written: u64,
+    /// 1: keyhippo is installed there; 2: it is not (uses are discarded); 0: not known yet.
+    pub installed: u8,
+    /// The last write's error, NUL-padded; empty after a successful write.
+    pub error: [u8; 160],
+}
+
+impl DbSlot {
+    const FREE: DbSlot = DbSlot {
+        oid: 0,
+        writer_pid: 0,
+        writer_latch: 0,
+        starting_since: 0,
+        paused_until: 0,
+        retry_at: 0,
+        woken_at: 0,
+        last_write: 0,
+        written: 0,
+        installed: 0,
+        error: [0; 160],
+    };
+
+    pub fn set_error(&mut self, message: &str) {
+        self.error = [0; 160];
+        let mut end = message.len().min(self.error.len() - 1);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.error[..end].copy_from_slice(&message.as_bytes()[..end]);
+    }
+
+    pub fn error(&self) -> Option<String> {
+        let end = self.error.iter().position(|&b| b == 0).unwrap_or(0);
+        (end > 0).then(|| String::from_utf8_lossy(&self.error[..end]).into_owned())
+    }
+}
+
+/// The workers' shared state, under its lock.
+#[derive(Copy, Clone)]
+pub struct Shared {
+    /// Address of the launcher's latch (in shared memory), 0 when it does not run.
+    pub launcher_latch: usize,
+    pub dbs: [DbSlot; MAX_DATABASES],
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            launcher_latch: 0,
+            dbs: [DbSlot::FREE; MAX_DATABASES],
+        }
+    }
+}
+
+impl Shared {
+    /// The slot of database `oid`, if it has one.
+    pub fn slot(&mut self, oid: u32) -> Option<&mut DbSlot> {
+        self.dbs.iter_mut().find(|s| s.oid == oid)
+    }
+
+    /// The slot of database `oid`, taking a free one (or the least recently written one with no
+    /// writer) when it has none.
+    pub fn slot_or_new(&mut self, oid: u32) -> &mut DbSlot {
+        let i = match self.dbs.iter().position(|s| s.oid == oid) {
+            Some(i) => i,
+            None => {
+                let i = self
+                    .dbs
+                    .iter()
+                    .position(|s| s.oid == 0)
+                    .or_else(|| {
+                        (0..MAX_DATABASES)
+                            .filter(|&i| {
+                                self.dbs[i].writer_pid == 0 && self.dbs[i].starting_since == 0
+                            })
+                            .min_by_key(|&i| self.dbs[i].last_write)
+                    })
+                    .unwrap_or(0);
+                self.dbs[i] = DbSlot {
+                    oid,
+                    ..DbSlot::FREE
+                };
+                i
+            }
+        };
+        &mut self.dbs[i]
+    }
+}
+
+// SAFETY: plain old data; the latch addresses are in shared memory, valid in every process.
+unsafe impl PGRXSharedMemory for Shared {}
+
+/// The uses in the buffer, `len` of them: read and written only under the lock of [`SHARED`]
+/// (and by the postmaster when no other process runs). Allocated in shared memory by
+/// [`request_slots`] / [`attach_slots`] and zeroed there: pgrx's `pg_shmem_init!` would build
+/// the 3.6 MB value on the postmaster's stack first, which overflows it in an unoptimised build.
+#[repr(C)]
+pub struct UseSlots {
+    pub len: usize,
+    /// The database of each use (its OID).
+    pub dbs: [u32; CAPACITY],
+    pub ids: [[u8; 16]; CAPACITY],
+    /// When (TimestampTz: microseconds since 2000-01-01).
+    pub at: [i64; CAPACITY],
+}
+
+impl UseSlots {
+    /// Appends one use; false when the buffer is full.
+    pub fn push(&mut self, database: u32, id: [u8; 16], at: i64) -> bool {
+        let i = self.len;
+        if i >= CAPACITY {
+            return false;
+        }
+        self.dbs[i] = database;
+        self.ids[i] = id;
+        self.at[i] = at;
+        self.len = i + 1;
+        true
+    }
+}
+
+/// This process's address of the shared [`UseSlots`] (set in the postmaster, inherited).
+static SLOTS: AtomicPtr<UseSlots> = AtomicPtr::new(std::ptr::null_mut());
+static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
+
+/// Asks for the buffer's shared memory (from `shmem_request_hook`, or `_PG_init` on 14).
+fn request_slots() {
+    // SAFETY: the postmaster's shared memory set-up, single-threaded.
+    unsafe { pg_sys::RequestAddinShmemSpace(std::mem::size_of::<UseSlots>()) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn attach_slots() {
+    // SAFETY: the postmaster's (or, with EXEC_BACKEND, each process's) shared memory set-up;
+    // AddinShmemInitLock serialises ShmemInitStruct as for every extension.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        let init_lock = super::compat::addin_shmem_init_lock();
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let slots = pg_sys::ShmemInitStruct(
+            c"keyhippo_pending_use_slots".as_ptr(),
+            std::mem::size_of::<UseSlots>(),
+            &mut found,
+        )
+        .cast::<UseSlots>();
+        if !found {
+            std::ptr::write_bytes(slots, 0, 1);
+        }
+        pg_sys::LWLockRelease(init_lock);
+        SLOTS.store(slots, Ordering::Relaxed);
+        if !pg_sys::IsUnderPostmaster {
+            // The postmaster: uses saved at the last clean shutdown come back; at exit, what is
+            // left is saved again.
+            if !found {
+                load_saved_uses(&mut *slots);
+            }
+            pg_sys::on_shmem_exit(Some(save_uses_at_exit), pg_sys::Datum::from(0));
+        }
+    }
+}
+
+/// The shared uses; only while holding [`SHARED`]'s lock exclusively (the guard proves it).
+pub fn slots(_locked: &mut Shared) -> &mut UseSlots {
+    // SAFETY: set at startup in every process that preloaded keyhippo (the only ones that
+    // reach here: callers check `preloaded()`); exclusive access under the lock.
+    unsafe { &mut *SLOTS.load(Ordering::Relaxed) }
+}
+
+/// The shared uses, to read; only while holding [`SHARED`]'s lock (the guard proves it).
+pub fn slots_to_read(_locked: &Shared) -> &UseSlots {
+    // SAFETY: as in `slots`; no writer while the lock is held.
+    unsafe { &*SLOTS.load(Ordering::Relaxed) }
+}
+
+// SAFETY: set up in `setup` while the library is preloaded; used only when `preloaded()`.
+pub static SHARED: PgLwLock<Shared> = unsafe { PgLwLock::new(c"keyhippo_pending_uses") };
+
+/// Whether this process belongs to a server that preloaded keyhippo (set in the postmaster
+/// before it forks, so every backend inherits it).
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+/// Where the postmaster keeps the buffer across a clean restart (relative to the data
+/// directory, its working directory).
+const SAVED_USES: &str = "pg_stat/keyhippo_pending_uses";
+const SAVED_MAGIC: &[u8; 8] = b"KHUSES01";
+
+/// Saves the buffer when the postmaster exits cleanly (every other process has exited).
+#[pg_guard]
+unsafe extern "C-unwind" fn save_uses_at_exit(code: i32, _arg: pg_sys::Datum) {
+    let slots = SLOTS.load(Ordering::Relaxed);
+    // After a crash the buffer may be half-written: nothing is saved.
+    if code != 0 || slots.is_null() {
+        return;
+    }
+    // SAFETY: no other process is left to touch the buffer.
+    let slots = unsafe { &*slots };
+    let len = slots.len.min(CAPACITY);
+    if len == 0 {
+        return;
+    }
+    let mut out = Vec::with_capacity(16 + len * 28);
+    out.extend_from_slice(SAVED_MAGIC);
+    out.extend_from_slice(&(len as u64).to_le_bytes());
+    for i in 0..len {
+        out.extend_from_slice(&slots.dbs[i].to_le_bytes());
+        out.extend_from_slice(&slots.ids[i]);
+        out.extend_from_slice(&slots.at[i].to_le_bytes());
+    }
+    let tmp = format!("{SAVED_USES}.tmp");
+    if std::fs::write(&tmp, &out)
+        .and_then(|()| std::fs::rename(&tmp, SAVED_USES))
+        .is_err()
+    {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Reads the uses [`save_uses_at_exit`] saved, once, into the fresh buffer.
+fn load_saved_uses(slots: &mut UseSlots) {
+    let Ok(data) = std::fs::read(SAVED_USES) else {
+        return;
+    };
+    let _ = std::fs::remove_file(SAVED_USES);
+    if data.len() < 16 || &data[..8] != SAVED_MAGIC {
+        return;
+    }
+    let len = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes")) as usize;
+    let records = data[16..].chunks_exact(28).take(len.min(CAPACITY));
+    let mut n = 0;
+    for record in records {
+        slots.dbs[n] = u32::from_le_bytes(record[..4].try_into().expect("4 bytes"));
+        slots.ids[n].copy_from_slice(&record[4..20]);
+        slots.at[n] = i64::from_le_bytes(record[20..28].try_into().expect("8 bytes"));
+        n += 1;
+    }
+    slots.len = n;
+}
+
+// SAFETY (both counters): pgrx's shared atomics are set up in `setup` while the library is
+// preloaded, and read only when `preloaded()` says they were.
+/// Cache epoch: bumped when a transaction starts changing what verify depends on, and again when
+/// it ends (src/cache.rs).
+pub static CACHE_EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"keyhippo_cache_epoch") };
+/// Transactions changing what verify depends on that have not ended yet (src/cache.rs).
+// SAFETY: as above.
+pub static CACHE_IN_FLIGHT: PgAtomic<AtomicU64> =
+    unsafe { PgAtomic::new(c"keyhippo_cache_in_flight") };
+
+/// Sets up keyhippo's shared memory: from `_PG_init` while the library is preloaded.
+pub fn setup() {
+    pg_shmem_init!(SHARED = Shared::default());
+    pg_shmem_init!(CACHE_EPOCH);
+    pg_shmem_init!(CACHE_IN_FLIGHT);
+    super::compat::request_shmem(request_slots);
+    // SAFETY: library load in the postmaster, single-threaded: our hook chains the one
+    // installed before.
+    unsafe {
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(attach_slots);
+    }
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+/// Whether this server preloaded keyhippo (shared memory and the workers exist).
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
