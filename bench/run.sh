@@ -211,3 +211,17 @@ echo "| in-database cost, revoke | $(m cost_revoke) µs per call | $(paste -sd' 
 echo "| in-database cost, authorize | $(m cost_authorize) µs per call | $(paste -sd' ' "$OUT/cost_authorize") |"
 echo "| creating $N keys ($JOBS connections, one INSERT ... SELECT create_api_key() each) | $create_seconds s$([ "$N" -ge 1000000 ] && echo ' (target <= 60)') | |"
 } | tee "$OUT/results.md"
+
+# Every run is also a line of target/bench-results/runs.csv (kept across runs), from which
+# bench/chart draws verify and the floor against the number of keys per PostgreSQL version.
+RESULTS="$ROOT/target/bench-results"
+mkdir -p "$RESULTS"
+CSV="$RESULTS/runs.csv"
+[ -s "$CSV" ] || echo "pg,pg_version,keys,preloaded,record_uses,floor_tps,verify_tps,floor_10k_tps,verify_10k_tps,verify_us,create_us,date" >"$CSV"
+echo "$PG,$("$PGBIN/postgres" --version | awk '{print $3}'),$N,$PRELOAD,$RECORD,$floor,$verify,$([ -f "$OUT/floor10k.tps" ] && m floor10k.tps),$([ -f "$OUT/verify10k.tps" ] && m verify10k.tps),$(m cost_verify),$(m cost_create),$(date -u +%Y-%m-%d)" >>"$CSV"
+cp "$OUT/results.md" "$RESULTS/pg$PG-$N-keys$([ "$PRELOAD" = 1 ] || echo -no-preload)$([ "$RECORD" = 1 ] || echo -no-uses).md"
+echo
+bench/chart "$CSV" "$RESULTS/verify-vs-floor.svg" ||
+    echo "bench/chart: no chart drawn (the figures above stand)"
+echo "All runs so far: $CSV; to show them in docs/benchmarks.md, copy the lines into"
+echo "docs/benchmarks.csv and run: bench/chart docs/benchmarks.csv docs/benchmarks.svg"
