@@ -43,7 +43,7 @@ test-all: deps
 test-ci: deps
 	bin/test-all 15:all 17:all 14:2,3 16:2,3 18:2,3
 
-## The benchmark on PostgreSQL $(PG) (figures and ratios in one run, see BENCHMARKS.md):
+## The benchmark on PostgreSQL $(PG) (figures and ratios in one run, see docs/benchmarks.md):
 ## BENCH_KEYS=1000000 for the large run.
 bench: deps
 	bin/install-private

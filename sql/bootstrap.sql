@@ -119,9 +119,9 @@ WITH (fillfactor = 80);
 CREATE INDEX api_key_metadata_user_id_idx ON keyhippo.api_key_metadata (user_id);
 -- How verify finds a key by its prefix: one bucket page (the hash index's metapage is cached
 -- per backend) instead of a B-tree descent of two or three pages with a text comparison at
--- each step, about a tenth of verify's work, and at a million keys fewer pages that miss the
--- CPU caches. The UNIQUE constraint keeps its B-tree (a hash index cannot be unique); rows the
--- hash index returns are checked to carry the prefix looked up (src/lookup.rs).
+-- each step, and at a million keys fewer pages that miss the CPU caches. The UNIQUE constraint
+-- keeps its B-tree (a hash index cannot be unique); rows the hash index returns are checked to
+-- carry the prefix looked up (src/pg/lookup.rs).
 CREATE INDEX api_key_metadata_prefix_hash_idx ON keyhippo.api_key_metadata USING hash (prefix);
 -- Partial: most keys have no scope, and those need no entry (deleting a scope still finds its
 -- keys here, since scope_id = $1 implies scope_id IS NOT NULL). One index write less per key.
@@ -143,10 +143,9 @@ CREATE TABLE keyhippo.api_key_secrets (
     key_hash text NOT NULL,
     CONSTRAINT api_key_secrets_pkey PRIMARY KEY (key_metadata_id) INCLUDE (key_hash)
 );
--- How verify finds a key's hash: one bucket page and the row, about a fifth of verify's work
--- less than the primary key's descent with its index-only read (measured with callgrind), for
--- one more index entry per create (src/lookup.rs; the primary key is used when this index is
--- dropped).
+-- How verify finds a key's hash: one bucket page and the row, cheaper than the primary key's
+-- descent with its index-only read, for one more index entry per create (src/pg/lookup.rs; the
+-- primary key is used when this index is dropped).
 CREATE INDEX api_key_secrets_key_metadata_id_hash_idx ON keyhippo.api_key_secrets
     USING hash (key_metadata_id);
 COMMENT ON COLUMN keyhippo.api_key_secrets.key_hash IS

@@ -5,7 +5,7 @@
 -- object with its schema.
 
 -- Who may manage every key and every RBAC object: keyhippo_internal.caller_is_admin() (in
--- Rust, src/context.rs): service_role, a superuser, or a user holding an RBAC role of type
+-- Rust, src/caller.rs): service_role, a superuser, or a user holding an RBAC role of type
 -- 'admin' through their JWT, an impersonation or an unscoped key of theirs, or a JWT whose own
 -- sub is the identity and whose user_role claim is 'admin' (Supabase's custom access token
 -- hook). Holding manage_api_keys is not enough (every default user holds it), a scoped key never

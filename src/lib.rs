@@ -25,7 +25,8 @@ macro_rules! v1_function_info {
 // SQL entry points (the functions CREATE EXTENSION declares).
 mod api;
 
-// Logic, from the request down to the buffers: each imports only modules listed below it.
+// The logic, one job per file; they import each other one way only (bin/check-layout checks it,
+// docs/internals.md draws the graph).
 mod audit;
 mod cache;
 mod caller;

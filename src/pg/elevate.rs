@@ -4,7 +4,7 @@
 //! `verify_api_key` runs on every request, and the `SET search_path` clause of a SECURITY DEFINER
 //! function costs about as much as verify's own work (a GUC nesting level, re-parsing the path,
 //! undoing it at exit). Its common path needs no privileges: the key row and hash are read through
-//! the access methods (src/lookup.rs), which do no ACL checks, and permissions come from the
+//! the access methods (src/pg/lookup.rs), which do no ACL checks, and permissions come from the
 //! per-backend cache. Only the rare paths that run SQL (permissions not cached yet, the
 //! fallback `last_used_at` update) switch to the owner of the extension's tables with
 //! `search_path` pinned, exactly as `fmgr_security_definer` does for a SECURITY DEFINER call.
