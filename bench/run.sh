@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make bench: keyhippo's performance, measured in one run on a throwaway cluster (BENCHMARKS.md).
+# make bench: keyhippo's performance, measured in one run on a throwaway cluster (docs/benchmarks.md).
 #
 #   BENCH_KEYS    keys created (default 100000; 1000000 for the large run)
 #   BENCH_ROUNDS  rounds of each pgbench measurement; medians are reported (default 5)
@@ -151,7 +151,7 @@ cost() { q -c "$AS_USER" -f bench/cost.sql -c "BEGIN" -c "SELECT round(pg_temp.c
 # written, VACUUM, CHECKPOINT), so that no operation is measured while PostgreSQL cleans up
 # after another one on the same two CPUs. The rounds of the operations take turns rather than
 # running back to back: one round lasts well under a second and this machine's speed moves
-# by up to half for a minute at a time (see BENCHMARKS.md), so each median is taken over
+# by up to half for a minute at a time (see docs/benchmarks.md), so each median is taken over
 # rounds spread across the whole phase instead of over one or two seconds of it.
 settle() { q -c "SELECT keyhippo.flush_key_usage()" -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null; }
 for r in $(seq 1 "$COST_ROUNDS"); do
