@@ -14,6 +14,7 @@ use crate::error::{KeyhippoError, Result};
 use crate::pg::backend;
 use crate::pg::elevate::as_owner;
 use crate::pg::plans::{types, Plan};
+use crate::users;
 
 /// The user id recorded for `login_as_anon` (KeyHippo's convention): an anonymous session.
 pub const ANON_USER_ID: [u8; 16] = [0; 16];
@@ -83,12 +84,6 @@ const SESSION_IS_OWNER: Plan = Plan {
     mutating: false,
 };
 
-const USER_EXISTS: Plan = Plan {
-    sql: "SELECT keyhippo_internal.user_exists($1)",
-    args: &[types::UUID],
-    mutating: false,
-};
-
 const BEGIN: Plan = Plan {
     sql: "WITH s AS ( \
             INSERT INTO keyhippo_impersonation.impersonation_state \
@@ -135,12 +130,7 @@ pub fn begin(user_id: Option<pgrx::Uuid>) -> Result<()> {
         }
         let (target, function) = match user_id {
             Some(user) => {
-                let exists = USER_EXISTS
-                    .run(client, &[user.into()])?
-                    .first()
-                    .get::<bool>(1)?
-                    .unwrap_or(false);
-                if !exists {
+                if !users::exists(client, user)? {
                     return Err(KeyhippoError::NotFound(format!(
                         "keyhippo: user {user} does not exist"
                     )));

@@ -10,27 +10,23 @@ use crate::error::{KeyhippoError, Result};
 use crate::pg::backend;
 use crate::pg::jsonb::{self, NewKeyRow};
 use crate::pg::plans::{types, Plan};
-use crate::{audit, caller, jwt_keys, settings, validate};
+use crate::{audit, caller, jwt_keys, settings, users, validate};
 use keyhippo_core::{hash, token};
 
-// Two statements, not one with `(SELECT ... WHERE name = $2)`: with a NULL scope the planner
-// folds that to false, finds the custom plan cheaper and re-plans at every call.
-const USER_EXISTS: Plan = Plan {
-    sql: "SELECT keyhippo_internal.user_exists($1)",
-    args: &[types::UUID],
-    mutating: false,
-};
-
+// Its own statement, not a `(SELECT ... WHERE name = $2)` inside the user check: with a NULL
+// scope the planner folds that to false, finds the custom plan cheaper and re-plans at every
+// call.
 const SCOPE_ID: Plan = Plan {
     sql: "SELECT s.id FROM keyhippo.scopes s WHERE s.name = $1",
     args: &[types::TEXT],
     mutating: false,
 };
 
-/// A key row, its hash and the key row's audit row, in one statement. The audit row is what the audit trigger would write
-/// (it skips this row: see `audit::self_audited`), built in Rust from the values inserted
-/// (`audit_jsonb`), so the statement needs no `RETURNING` row and no `to_jsonb`. The foreign
-/// key of the hash to the key row is checked at the end of the statement, when both are in.
+/// A key row, its hash and the key row's audit row, in one statement. The audit row is what the
+/// audit trigger would write (it skips this row: see `audit::self_audited`), built in Rust from
+/// the values inserted (`jsonb::new_key_audit_row`), so the statement needs no `RETURNING` row
+/// and no `to_jsonb`. The foreign key of the hash to the key row is checked at the end of the
+/// statement, when both are in.
 const INSERT_KEY: Plan = Plan {
     sql: "WITH m AS ( \
             INSERT INTO keyhippo.api_key_metadata \
@@ -139,12 +135,7 @@ pub fn check_owner_and_scope(
     // Every caller writes a key: refuse READ ONLY transactions and hot standbys here with the
     // error an INSERT gets (25006), before anything is touched.
     backend::prevent_write(audit::current_function().unwrap_or("keyhippo"));
-    let exists = USER_EXISTS
-        .run(client, &[user.into()])?
-        .first()
-        .get::<bool>(1)?
-        .unwrap_or(false);
-    if !exists {
+    if !users::exists(client, user)? {
         return Err(KeyhippoError::UnknownUser(
             "keyhippo: the authenticated user does not exist in auth.users".into(),
         ));

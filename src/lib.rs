@@ -39,6 +39,7 @@ mod manage;
 mod permissions;
 mod request;
 mod usage;
+mod users;
 mod validate;
 mod verify;
 mod worker;
