@@ -2,8 +2,8 @@
 //! not SECURITY DEFINER.
 //!
 //! `verify_api_key` runs on every request, and the `SET search_path` clause of a SECURITY DEFINER
-//! function costs about as much as verify's own work (a GUC nesting level, re-parsing the path,
-//! undoing it at exit). Its common path needs no privileges: the key row and hash are read through
+//! function adds a GUC nesting level, a re-parse of the path and its undoing at exit to every
+//! call. Verify's common path needs no privileges: the key row and hash are read through
 //! the access methods (src/pg/lookup.rs), which do no ACL checks, and permissions come from the
 //! per-backend cache. Only the rare paths that run SQL (permissions not cached yet, the
 //! fallback `last_used_at` update) switch to the owner of the extension's tables with

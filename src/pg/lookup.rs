@@ -1,11 +1,11 @@
-//! The verify lookup done with two B-tree probes instead of an SPI statement.
+//! The verify lookup done with two index probes instead of an SPI statement.
 //!
-//! Executing even a cached plan costs tens of microseconds of executor start-up and shutdown;
-//! verify only needs "the row of `api_key_metadata` with this prefix, and its hash". This does
-//! exactly that through the access methods, under the caller's active snapshot (the same
-//! snapshot a read-only SPI statement would use), with AccessShareLock held to the end of the
-//! transaction as the executor would. When the extension's tables or indexes cannot be found
-//! (a broken installation) it returns `Err(())` and verify raises an internal error.
+//! Verify only needs "the row of `api_key_metadata` with this prefix, and its hash"; even a
+//! cached plan pays for executor start-up and shutdown around that. This reads exactly that
+//! through the access methods, under the caller's active snapshot (the same snapshot a
+//! read-only SPI statement would use), with AccessShareLock held to the end of the transaction
+//! as the executor would. When the extension's tables or indexes cannot be found it returns
+//! `Err(())`, and verify runs the same lookup as a prepared statement instead.
 //!
 //! Every call into PostgreSQL goes through pgrx's bindings (an ERROR raised inside becomes a Rust
 //! panic that unwinds through this code); the calls whose signature differs between major
