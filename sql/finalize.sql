@@ -289,7 +289,7 @@ BEGIN
     END IF;
     SELECT k.api_key, k.api_key_id INTO v_token, v_id
       FROM keyhippo.create_jwt_api_key(COALESCE(NEW.description, ''),
-                                       COALESCE(NEW.expires_at - pg_catalog.now(), interval '1 year')) k;
+                                       NEW.expires_at - pg_catalog.now()) k;
     -- A row inserted already revoked is minted and revoked at once: never a live key.
     IF NEW.revoked_at IS NOT NULL THEN
         PERFORM keyhippo.revoke_api_key(v_id);
@@ -827,7 +827,7 @@ GRANT EXECUTE ON FUNCTION keyhippo_impersonation.end_impersonation() TO anon, au
 
 -- Verification is open to every request, including anonymous ones carrying a key.
 GRANT EXECUTE ON FUNCTION keyhippo.verify_api_key(text) TO anon, authenticated, service_role;
-GRANT EXECUTE ON FUNCTION keyhippo.create_api_key(text, text) TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.create_api_key(text, text, interval) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.create_jwt_api_key(text, interval, text) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.jwt_api_key_active() TO anon, authenticated, service_role;
 GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo.jwt_api_keys TO authenticated, service_role;

@@ -5,6 +5,7 @@
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::{JsonB, Uuid};
+use std::cell::RefCell;
 
 use crate::error::{KeyhippoError, Result};
 use crate::pg::backend;
@@ -76,9 +77,10 @@ pub fn insert_key(
     let id = Uuid::from_bytes(keyhippo_core::uuid::new_v7());
     let created_at = backend::transaction_start();
     let expires_at = match key.expires_at {
-        Some(at) => at.into(),
-        None => default_expiry(created_at),
-    };
+        Some(at) => at,
+        None => expiry(None)?,
+    }
+    .into();
     let claims = match &key.claims {
         Some(claims) => claims.0.to_string(),
         None => "{}".to_string(),
@@ -118,10 +120,58 @@ pub fn insert_key(
     Ok((new_key.key, id))
 }
 
-/// The column default of `expires_at`: `now() + interval '100 years'`, computed as Postgres
-/// computes it (months are added in the session's time zone).
-fn default_expiry(now: i64) -> i64 {
-    backend::plus_months(now, 1200)
+thread_local! {
+    /// The last `keyhippo.default_key_lifetime` text read, and the interval it parsed to.
+    static DEFAULT_LIFETIME: RefCell<Option<(String, Interval)>> = const { RefCell::new(None) };
+}
+
+/// How long a key lives when its creator names no lifetime: `keyhippo.default_key_lifetime`.
+/// 22023 while the setting is not a positive interval.
+fn default_lifetime() -> Result<Interval> {
+    let setting = settings::DEFAULT_KEY_LIFETIME
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let cached = DEFAULT_LIFETIME.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|(text, _)| *text == setting)
+            .map(|(_, lifetime)| *lifetime)
+    });
+    if let Some(lifetime) = cached {
+        return Ok(lifetime);
+    }
+    match backend::parse_interval(&setting) {
+        Some(lifetime) if lifetime.as_micros() > 0 => {
+            DEFAULT_LIFETIME.with(|c| *c.borrow_mut() = Some((setting, lifetime)));
+            Ok(lifetime)
+        }
+        _ => Err(KeyhippoError::InvalidArgument(format!(
+            "keyhippo: keyhippo.default_key_lifetime ('{}') is not a positive interval; set it to one, such as '100 years'",
+            crate::error::echo(&setting)
+        ))),
+    }
+}
+
+/// When a key created now with lifetime `expires_in` expires (the default lifetime when None);
+/// 22023 for a lifetime that is not positive.
+fn expiry(expires_in: Option<Interval>) -> Result<TimestampWithTimeZone> {
+    let lifetime = match expires_in {
+        Some(lifetime) if lifetime.as_micros() <= 0 => {
+            return Err(KeyhippoError::InvalidArgument(
+                "keyhippo: expires_in must be a positive interval".into(),
+            ))
+        }
+        Some(lifetime) => lifetime,
+        None => default_lifetime()?,
+    };
+    backend::plus_interval(backend::transaction_start(), lifetime)
+        .and_then(|at| TimestampWithTimeZone::try_from(at).ok())
+        .ok_or_else(|| {
+            KeyhippoError::InvalidArgument(
+                "keyhippo: the key's lifetime leads past the last timestamp PostgreSQL can hold; choose a shorter expires_in (or keyhippo.default_key_lifetime)".into(),
+            )
+        })
 }
 
 /// Checks that a new key's owner exists (in auth.users, when there is one) and resolves the
@@ -170,10 +220,16 @@ fn scope_id(client: &pgrx::spi::SpiClient<'_>, scope_name: Option<&str>) -> Resu
     Ok(scope_id)
 }
 
-/// Creates a key for the calling user; returns (plaintext key, id).
-pub fn create(description: Option<&str>, scope_name: Option<&str>) -> Result<(String, Uuid)> {
+/// Creates a key for the calling user, living `expires_in` (`keyhippo.default_key_lifetime`
+/// when None); returns (plaintext key, id).
+pub fn create(
+    description: Option<&str>,
+    scope_name: Option<&str>,
+    expires_in: Option<Interval>,
+) -> Result<(String, Uuid)> {
     let user = caller::require_user()?;
     let description = validate::description(description)?;
+    let expires_at = expiry(expires_in)?;
     Spi::connect_mut(|client| {
         let owner = check_owner_and_scope(client, user, scope_name)?;
         let new = NewKey {
@@ -181,7 +237,7 @@ pub fn create(description: Option<&str>, scope_name: Option<&str>) -> Result<(St
             scope_id: owner.scope_id,
             description: Some(description),
             claims: None,
-            expires_at: None,
+            expires_at: Some(expires_at),
         };
         insert_key(client, new, Some(user))
     })
@@ -199,6 +255,14 @@ const LIFETIME_CHECK: Plan = Plan {
     mutating: false,
 };
 
+/// A JWT key's lifetime when its creator names none: a year, or `keyhippo.jwt_max_lifetime` ($1)
+/// when that is shorter.
+const DEFAULT_JWT_LIFETIME: Plan = Plan {
+    sql: "SELECT LEAST(interval '1 year', $1::interval)",
+    args: &[types::TEXT],
+    mutating: false,
+};
+
 const EXPIRY_FROM_INTERVAL: Plan = Plan {
     sql: "SELECT pg_catalog.now() + $1",
     args: &[types::INTERVAL],
@@ -206,7 +270,8 @@ const EXPIRY_FROM_INTERVAL: Plan = Plan {
 };
 
 /// Creates a JWT-format key for the calling user, valid for `expires_in` (at most
-/// `keyhippo.jwt_max_lifetime`); returns (token, id).
+/// `keyhippo.jwt_max_lifetime`; when None, a year or that maximum if shorter); returns (token,
+/// id).
 pub fn create_jwt(
     description: Option<&str>,
     expires_in: Option<Interval>,
@@ -214,9 +279,6 @@ pub fn create_jwt(
 ) -> Result<(String, Uuid)> {
     let user = caller::require_user()?;
     let description = validate::description(description)?;
-    let expires_in = expires_in.ok_or_else(|| {
-        KeyhippoError::InvalidArgument("keyhippo: expires_in must not be NULL".into())
-    })?;
     jwt_keys::signing_secret()?;
     Spi::connect_mut(|client| {
         let scope_id = check_owner_and_scope(client, user, scope_name)?.scope_id;
@@ -224,6 +286,14 @@ pub fn create_jwt(
             .get()
             .map(|m| m.to_string_lossy().into_owned())
             .unwrap_or_else(|| "1 year".into());
+        let expires_in = match expires_in {
+            Some(expires_in) => expires_in,
+            None => DEFAULT_JWT_LIFETIME
+                .run(client, &[max.as_str().into()])?
+                .first()
+                .get::<Interval>(1)?
+                .unwrap_or_else(|| Interval::from_years(1)),
+        };
         let check = LIFETIME_CHECK
             .run(client, &[expires_in.into(), max.as_str().into()])?
             .first();

@@ -22,6 +22,12 @@ pub static INDEX_PROBES: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// `cache::MAX_ENTRIES` keys of memory (docs/benchmarks.md has both measured).
 pub static VERIFIED_KEY_CACHE: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// `keyhippo.default_key_lifetime`: how long a key made by `create_api_key` (or `rotate_api_key`
+/// of a key that had no end) lives when the caller names no `expires_in`. KeyHippo 1.2.5's keys
+/// lived 100 years.
+pub static DEFAULT_KEY_LIFETIME: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"100 years"));
+
 /// `keyhippo.jwt_max_lifetime`: the longest lifetime a JWT key may be minted with. A JWT key is
 /// accepted, until it expires, by every service that shares the signing secret, without asking
 /// keyhippo: its lifetime is bounded.
@@ -69,6 +75,14 @@ pub fn define() {
         c"Whether each backend caches the API keys it has verified.",
         c"Only when keyhippo is in shared_preload_libraries (the cache's invalidation needs shared memory). Off (the default): every verify looks the key up; permissions are cached either way.",
         &VERIFIED_KEY_CACHE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"keyhippo.default_key_lifetime",
+        c"How long a new API key lives when create_api_key is given no expires_in (an interval).",
+        c"A positive interval; create_api_key refuses with SQLSTATE 22023 while it is not one.",
+        &DEFAULT_KEY_LIFETIME,
         GucContext::Suset,
         GucFlags::default(),
     );

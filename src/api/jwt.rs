@@ -10,12 +10,13 @@ use crate::error::or_raise;
 use crate::issue;
 
 /// Creates a JWT-format API key for the current user: an HS256 token with claims `sub`,
-/// `role`, `iat`, `exp`, `jti` and `type = 'api_key'`, returned once.
+/// `role`, `iat`, `exp`, `jti` and `type = 'api_key'`, returned once. With no `expires_in`
+/// it lives a year, or `keyhippo.jwt_max_lifetime` when that is shorter.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn create_jwt_api_key(
     description: Option<&str>,
-    expires_in: default!(Option<Interval>, "'1 year'"),
+    expires_in: default!(Option<Interval>, "NULL"),
     scope_name: default!(Option<&str>, "NULL"),
 ) -> TableIterator<'static, (name!(api_key, String), name!(api_key_id, Uuid))> {
     let _audit = function_scope("create_jwt_api_key");

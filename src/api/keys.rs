@@ -25,7 +25,8 @@ pub extern "C-unwind" fn keyhippo_create_api_key(
     unsafe {
         srf::one_row(fcinfo, "create_api_key", |args| {
             let _audit = function_scope("create_api_key");
-            let (api_key, id) = or_raise(issue::create(args.text(0), args.text(1)));
+            let (api_key, id) =
+                or_raise(issue::create(args.text(0), args.text(1), args.interval(2)));
             Some(vec![Column::Text(api_key), Column::Uuid(*id.as_bytes())])
         })
     }
@@ -40,13 +41,14 @@ extension_sql!(
 CREATE TYPE keyhippo.create_api_key_result AS (api_key text, api_key_id uuid);
 COMMENT ON TYPE keyhippo.create_api_key_result IS
     'The row create_api_key returns: the plaintext key (shown once) and its id.';
-CREATE FUNCTION keyhippo."create_api_key"("key_description" text, "scope_name" text DEFAULT NULL)
+CREATE FUNCTION keyhippo."create_api_key"(
+    "key_description" text, "scope_name" text DEFAULT NULL, "expires_in" interval DEFAULT NULL)
     RETURNS SETOF keyhippo.create_api_key_result
     LANGUAGE c VOLATILE SECURITY DEFINER PARALLEL UNSAFE ROWS 1
     SET search_path = pg_catalog, pg_temp
     AS 'MODULE_PATHNAME', 'keyhippo_create_api_key';
-COMMENT ON FUNCTION keyhippo.create_api_key(text, text) IS
-    'Creates an API key for the current user; returns the plaintext key (once) and its id.';
+COMMENT ON FUNCTION keyhippo.create_api_key(text, text, interval) IS
+    'Creates an API key for the current user, living expires_in (keyhippo.default_key_lifetime when NULL); returns the plaintext key (once) and its id.';
 "#,
     name = "create_api_key",
     requires = ["bootstrap"]

@@ -3,7 +3,9 @@
 //! callbacks. Each is a plain read or a call that PostgreSQL makes safe to do at any point of a
 //! SQL function or background worker.
 
+use pgrx::datum::Interval;
 use pgrx::pg_sys;
+use pgrx::PgTryBuilder;
 use std::ffi::{CStr, CString};
 
 /// The transaction's start time (what `now()` returns), as TimestampTz microseconds.
@@ -143,14 +145,20 @@ pub fn outer_role_is_superuser() -> bool {
     unsafe { pg_sys::superuser_arg(pg_sys::GetOuterUserId()) }
 }
 
-/// `timestamp + months`, computed as PostgreSQL adds an interval (months in the session's time
-/// zone); the latest TimestampTz when that overflows.
-pub fn plus_months(timestamp: i64, months: i32) -> i64 {
-    let mut interval = pg_sys::Interval {
-        time: 0,
-        day: 0,
-        month: months,
-    };
+/// The first TimestampTz PostgreSQL cannot hold (its `END_TIMESTAMP`), in microseconds since
+/// 2000-01-01.
+const END_TIMESTAMP: i128 =
+    (pg_sys::TIMESTAMP_END_JULIAN as i128 - pg_sys::POSTGRES_EPOCH_JDATE as i128) * 86_400_000_000;
+
+/// `timestamp + interval`, computed as PostgreSQL adds an interval (months and days in the
+/// session's time zone). None when the sum might not be a timestamp PostgreSQL can hold (with
+/// a margin for months of 31 days and a daylight-saving hour), instead of an ERROR.
+pub fn plus_interval(timestamp: i64, interval: Interval) -> Option<i64> {
+    let room = END_TIMESTAMP - timestamp as i128 - 86_400_000_000;
+    if interval.as_micros().saturating_mul(31) / 30 >= room {
+        return None;
+    }
+    let mut interval = interval.into_inner();
     // SAFETY: a built-in function called with a TimestampTz and a pointer to an Interval that
     // outlives the call; the result is a by-value TimestampTz.
     unsafe {
@@ -161,8 +169,32 @@ pub fn plus_months(timestamp: i64, months: i32) -> i64 {
                 Some(pg_sys::Datum::from(std::ptr::addr_of_mut!(interval))),
             ],
         )
-        .map_or(i64::MAX, |sum| sum.value() as i64)
+        .map(|sum| sum.value() as i64)
     }
+}
+
+/// An interval written as PostgreSQL reads one (`'100 years'`, `'P30D'`, ...); None when the
+/// text is not an interval.
+pub fn parse_interval(text: &str) -> Option<Interval> {
+    let text = CString::new(text).ok()?;
+    PgTryBuilder::new(|| {
+        // SAFETY: interval_in reads the NUL-terminated text (typmod -1: no field restriction)
+        // and returns a palloc'd Interval, copied out before the memory goes.
+        unsafe {
+            let datum = pgrx::fcinfo::direct_function_call_as_datum(
+                pg_sys::interval_in,
+                &[
+                    Some(pg_sys::Datum::from(text.as_ptr())),
+                    Some(pg_sys::Datum::from(pg_sys::InvalidOid)),
+                    Some(pg_sys::Datum::from(-1i32)),
+                ],
+            )?;
+            let value = *(datum.cast_mut_ptr::<pg_sys::Interval>());
+            Interval::new(value.month, value.day, value.time).ok()
+        }
+    })
+    .catch_others(|_| None)
+    .execute()
 }
 
 /// This process's latch, as an address other processes can set (it is in shared memory).

@@ -73,6 +73,12 @@ pub struct Arguments {
 }
 
 impl Arguments {
+    /// Argument `n` (from 0) as an interval; None for NULL.
+    pub fn interval(&self, n: usize) -> Option<pgrx::datum::Interval> {
+        // SAFETY: as in `text`.
+        unsafe { pgrx::fcinfo::pg_getarg::<pgrx::datum::Interval>(self.fcinfo, n) }
+    }
+
     /// Argument `n` (from 0) as text; None for NULL.
     pub fn text(&self, n: usize) -> Option<&str> {
         // SAFETY: `fcinfo` is the current V1 call's (see `one_row`); pgrx checks NULL and

@@ -7,7 +7,7 @@
 \echo '--- search_path pinned, at most one row'
 select pg_get_function_result(p.oid) as result, pg_get_function_arguments(p.oid) as arguments,
        p.prosecdef, p.proconfig, p.prorows, p.provolatile
-  from pg_proc p where p.oid = 'keyhippo.create_api_key(text,text)'::regprocedure;
+  from pg_proc p where p.oid = 'keyhippo.create_api_key(text,text,interval)'::regprocedure;
 select a.attname, format_type(a.atttypid, a.atttypmod) as type
   from pg_attribute a
  where a.attrelid = 'keyhippo.create_api_key_result'::regclass and a.attnum > 0
