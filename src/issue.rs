@@ -4,8 +4,10 @@
 
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
+use pgrx::GucSetting;
 use pgrx::{JsonB, Uuid};
 use std::cell::RefCell;
+use std::ffi::CString;
 
 use crate::error::{KeyhippoError, Result};
 use crate::pg::backend;
@@ -121,57 +123,76 @@ pub fn insert_key(
 }
 
 thread_local! {
-    /// The last `keyhippo.default_key_lifetime` text read, and the interval it parsed to.
-    static DEFAULT_LIFETIME: RefCell<Option<(String, Interval)>> = const { RefCell::new(None) };
+    /// Interval settings as last parsed: the setting's name, its text, its interval.
+    static PARSED: RefCell<Vec<(&'static str, String, Interval)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// How long a key lives when its creator names no lifetime: `keyhippo.default_key_lifetime`.
-/// 22023 while the setting is not a positive interval.
-fn default_lifetime() -> Result<Interval> {
-    let setting = settings::DEFAULT_KEY_LIFETIME
+/// The positive interval setting `name` holds (parsed once per value and backend); 22023
+/// naming the setting while it holds none.
+fn interval_setting(
+    name: &'static str,
+    setting: &GucSetting<Option<CString>>,
+    example: &str,
+) -> Result<Interval> {
+    let text = setting
         .get()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let cached = DEFAULT_LIFETIME.with(|c| {
-        c.borrow()
-            .as_ref()
-            .filter(|(text, _)| *text == setting)
-            .map(|(_, lifetime)| *lifetime)
+    let cached = PARSED.with(|p| {
+        p.borrow()
+            .iter()
+            .find(|(n, t, _)| *n == name && *t == text)
+            .map(|(_, _, interval)| *interval)
     });
-    if let Some(lifetime) = cached {
-        return Ok(lifetime);
+    if let Some(interval) = cached {
+        return Ok(interval);
     }
-    match backend::parse_interval(&setting) {
-        Some(lifetime) if lifetime.as_micros() > 0 => {
-            DEFAULT_LIFETIME.with(|c| *c.borrow_mut() = Some((setting, lifetime)));
-            Ok(lifetime)
+    match backend::parse_interval(&text) {
+        Some(interval) if interval.as_micros() > 0 => {
+            PARSED.with(|p| {
+                let mut p = p.borrow_mut();
+                p.retain(|(n, _, _)| *n != name);
+                p.push((name, text, interval));
+            });
+            Ok(interval)
         }
         _ => Err(KeyhippoError::InvalidArgument(format!(
-            "keyhippo: keyhippo.default_key_lifetime ('{}') is not a positive interval; set it to one, such as '100 years'",
-            crate::error::echo(&setting)
+            "keyhippo: {name} ('{}') is not a positive interval; set it to one, such as '{example}'",
+            crate::error::echo(&text)
         ))),
     }
+}
+
+/// How long a key lives when its creator names no lifetime: `keyhippo.default_key_lifetime`.
+fn default_lifetime() -> Result<Interval> {
+    interval_setting(
+        "keyhippo.default_key_lifetime",
+        &settings::DEFAULT_KEY_LIFETIME,
+        "100 years",
+    )
+}
+
+fn not_positive() -> KeyhippoError {
+    KeyhippoError::InvalidArgument("keyhippo: expires_in must be positive".into())
+}
+
+fn past_last_timestamp() -> KeyhippoError {
+    KeyhippoError::InvalidArgument(
+        "keyhippo: the key's lifetime leads past the last timestamp PostgreSQL can hold; choose a shorter expires_in (or keyhippo.default_key_lifetime)".into(),
+    )
 }
 
 /// When a key created now with lifetime `expires_in` expires (the default lifetime when None);
 /// 22023 for a lifetime that is not positive.
 fn expiry(expires_in: Option<Interval>) -> Result<TimestampWithTimeZone> {
     let lifetime = match expires_in {
-        Some(lifetime) if lifetime.as_micros() <= 0 => {
-            return Err(KeyhippoError::InvalidArgument(
-                "keyhippo: expires_in must be a positive interval".into(),
-            ))
-        }
+        Some(lifetime) if lifetime.as_micros() <= 0 => return Err(not_positive()),
         Some(lifetime) => lifetime,
         None => default_lifetime()?,
     };
     backend::plus_interval(backend::transaction_start(), lifetime)
         .and_then(|at| TimestampWithTimeZone::try_from(at).ok())
-        .ok_or_else(|| {
-            KeyhippoError::InvalidArgument(
-                "keyhippo: the key's lifetime leads past the last timestamp PostgreSQL can hold; choose a shorter expires_in (or keyhippo.default_key_lifetime)".into(),
-            )
-        })
+        .ok_or_else(past_last_timestamp)
 }
 
 /// Checks that a new key's owner exists (in auth.users, when there is one) and resolves the
@@ -243,32 +264,6 @@ pub fn create(
     })
 }
 
-/// The lifetime checks ($1: expires_in; $2: keyhippo.jwt_max_lifetime as text): not positive;
-/// longer than the maximum. Compared as the times they lead to from now (interval comparison
-/// counts a month as 30 days, so that '365 days' would exceed '1 year'), after a coarse interval
-/// check so that a huge interval is a refusal rather than a timestamp overflow.
-const LIFETIME_CHECK: Plan = Plan {
-    sql: "SELECT $1 <= interval '0', \
-                 CASE WHEN $1 > $2::interval + interval '1 month' THEN true \
-                      ELSE pg_catalog.now() + $1 > pg_catalog.now() + $2::interval END",
-    args: &[types::INTERVAL, types::TEXT],
-    mutating: false,
-};
-
-/// A JWT key's lifetime when its creator names none: a year, or `keyhippo.jwt_max_lifetime` ($1)
-/// when that is shorter.
-const DEFAULT_JWT_LIFETIME: Plan = Plan {
-    sql: "SELECT LEAST(interval '1 year', $1::interval)",
-    args: &[types::TEXT],
-    mutating: false,
-};
-
-const EXPIRY_FROM_INTERVAL: Plan = Plan {
-    sql: "SELECT pg_catalog.now() + $1",
-    args: &[types::INTERVAL],
-    mutating: false,
-};
-
 /// Creates a JWT-format key for the calling user, valid for `expires_in` (at most
 /// `keyhippo.jwt_max_lifetime`; when None, a year or that maximum if shorter); returns (token,
 /// id).
@@ -282,39 +277,12 @@ pub fn create_jwt(
     jwt_keys::signing_secret()?;
     Spi::connect_mut(|client| {
         let scope_id = check_owner_and_scope(client, user, scope_name)?.scope_id;
-        let max = settings::JWT_MAX_LIFETIME
-            .get()
-            .map(|m| m.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "1 year".into());
-        let expires_in = match expires_in {
-            Some(expires_in) => expires_in,
-            None => DEFAULT_JWT_LIFETIME
-                .run(client, &[max.as_str().into()])?
-                .first()
-                .get::<Interval>(1)?
-                .unwrap_or_else(|| Interval::from_years(1)),
-        };
-        let check = LIFETIME_CHECK
-            .run(client, &[expires_in.into(), max.as_str().into()])?
-            .first();
-        if check.get::<bool>(1)?.unwrap_or(true) {
-            return Err(KeyhippoError::InvalidArgument(
-                "keyhippo: expires_in must be positive".into(),
-            ));
-        }
-        if check.get::<bool>(2)?.unwrap_or(true) {
-            return Err(KeyhippoError::InvalidArgument(format!(
-                "keyhippo: expires_in is longer than keyhippo.jwt_max_lifetime ({})",
-                max.chars().take(64).collect::<String>()
-            )));
-        }
-        let expires_at = EXPIRY_FROM_INTERVAL
-            .run(client, &[expires_in.into()])?
-            .first()
-            .get::<TimestampWithTimeZone>(1)?
-            .ok_or_else(|| {
-                KeyhippoError::InvalidArgument("keyhippo: expires_in must be positive".into())
-            })?;
+        let max = interval_setting(
+            "keyhippo.jwt_max_lifetime",
+            &settings::JWT_MAX_LIFETIME,
+            "1 year",
+        )?;
+        let expires_at = jwt_expiry(expires_in, max)?;
         jwt_keys::insert_jwt_key(
             client,
             user,
@@ -324,4 +292,41 @@ pub fn create_jwt(
             Some(expires_at),
         )
     })
+}
+
+/// When a JWT key created now with lifetime `expires_in` expires: when None, a year or `max`
+/// if that is shorter (compared as PostgreSQL compares intervals); 22023 for a lifetime that is
+/// not positive or ends after `max` would (the times compared, so that '365 days' is within
+/// '1 year').
+fn jwt_expiry(expires_in: Option<Interval>, max: Interval) -> Result<TimestampWithTimeZone> {
+    let year = Interval::from_years(1);
+    let lifetime = expires_in.unwrap_or(if max.as_micros() < year.as_micros() {
+        max
+    } else {
+        year
+    });
+    if lifetime.as_micros() <= 0 {
+        return Err(not_positive());
+    }
+    let now = backend::transaction_start();
+    let at = backend::plus_interval(now, lifetime);
+    // None: the sum would pass the last timestamp, which bounds nothing (max) or is too long.
+    let too_long = match (at, backend::plus_interval(now, max)) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(at), Some(longest)) => at > longest,
+    };
+    if too_long {
+        return Err(KeyhippoError::InvalidArgument(format!(
+            "keyhippo: expires_in is longer than keyhippo.jwt_max_lifetime ({})",
+            crate::error::echo(
+                &settings::JWT_MAX_LIFETIME
+                    .get()
+                    .map(|m| m.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            )
+        )));
+    }
+    at.and_then(|at| TimestampWithTimeZone::try_from(at).ok())
+        .ok_or_else(past_last_timestamp)
 }
