@@ -15,6 +15,21 @@ BEGIN
     RETURN extract(epoch FROM t_call - t_empty) * 1e6 / n;
 END $$;
 
+-- verify_api_key_status over the same keys.
+CREATE OR REPLACE FUNCTION pg_temp.cost_status(n int) RETURNS double precision LANGUAGE plpgsql AS $$
+DECLARE
+    keys text[] := ARRAY(SELECT key FROM bench_keys WHERE i <= n ORDER BY i);
+    t0 timestamptz; t_call interval; t_empty interval; k text;
+BEGIN
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP PERFORM v.status FROM keyhippo.verify_api_key_status(keys[i]) v; END LOOP;
+    t_call := clock_timestamp() - t0;
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP k := keys[i]; PERFORM k; END LOOP;
+    t_empty := clock_timestamp() - t0;
+    RETURN extract(epoch FROM t_call - t_empty) * 1e6 / n;
+END $$;
+
 -- The same with the lookup as a prepared statement (keyhippo.verify_index_probes = off).
 CREATE OR REPLACE FUNCTION pg_temp.cost_verify_sql(n int) RETURNS double precision LANGUAGE plpgsql AS $$
 BEGIN

@@ -98,6 +98,10 @@ cat >"$OUT/verify10k.sql" <<SQL
 \set i random(1, 10000)
 SELECT user_id FROM keyhippo.verify_api_key((SELECT key FROM bench_keys WHERE i = :i));
 SQL
+cat >"$OUT/status.sql" <<SQL
+\set i random(1, $N)
+SELECT status FROM keyhippo.verify_api_key_status((SELECT key FROM bench_keys WHERE i = :i));
+SQL
 echo "SELECT 1;" >"$OUT/select1.sql"
 # Verify with the lookup as a prepared SQL statement instead of the index probes (the *_sql
 # kinds run with keyhippo.verify_index_probes = off).
@@ -126,8 +130,8 @@ read -r upd0 hot0 av0 <<<"$(stats)"
 # Each verify run right after its floor run, and the run over the first 10,000 keys right after
 # the run over all of them: the ratios taken round by round below compare runs a few seconds
 # apart, not minutes.
-kinds="floor verify verify_sql select1"
-[ "$N" -gt 10000 ] && kinds="floor verify verify10k floor10k verify_sql select1 verify_cache verify10k_cache"
+kinds="floor verify status verify_sql select1"
+[ "$N" -gt 10000 ] && kinds="floor verify status verify10k floor10k verify_sql select1 verify_cache verify10k_cache"
 for r in $(seq 1 "$ROUNDS"); do
     for k in $kinds; do
         read -r tps lat <<<"$(pgb "$OUT/$k.sql")"
@@ -155,7 +159,7 @@ cost() { q -c "$AS_USER" -f bench/cost.sql -c "BEGIN" -c "SELECT round(pg_temp.c
 # rounds spread across the whole phase instead of over one or two seconds of it.
 settle() { q -c "SELECT keyhippo.flush_key_usage()" -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null; }
 for r in $(seq 1 "$COST_ROUNDS"); do
-    for k in verify verify_sql create revoke authorize; do
+    for k in verify status verify_sql create revoke authorize; do
         settle
         cost "$k" >>"$OUT/cost_$k"
     done
@@ -165,6 +169,8 @@ m() { median <"$OUT/$1"; }
 floor=$(m floor.tps); verify=$(m verify.tps); select1=$(m select1.tps)
 div() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a / b}'; }
 ratio=$(div "$verify" "$floor")
+# The ratio $2 / $1 of each round, a line each.
+by_round() { paste "$OUT/$1.tps" "$OUT/$2.tps" | while read -r a b; do div "$b" "$a"; echo; done; }
 {
 echo
 echo "## keyhippo benchmark"
@@ -178,13 +184,14 @@ echo "|---|---|---|"
 echo "| floor: \`SELECT key FROM bench_keys WHERE i = :i\` | $floor tps, $(m floor.lat) ms | $(paste -sd' ' "$OUT/floor.tps") |"
 echo "| \`verify_api_key\` on that key | $verify tps, $(m verify.lat) ms | $(paste -sd' ' "$OUT/verify.tps") |"
 echo "| \`verify_api_key\`, the lookup as a prepared statement (\`keyhippo.verify_index_probes = off\`) | $(m verify_sql.tps) tps, $(m verify_sql.lat) ms | $(paste -sd' ' "$OUT/verify_sql.tps") |"
+echo "| \`verify_api_key_status\` on that key | $(m status.tps) tps, $(m status.lat) ms | $(paste -sd' ' "$OUT/status.tps") |"
+paired=$(by_round verify status)
+echo "| verify_api_key_status / verify_api_key round by round (each status run right after its verify run) | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
 echo "| verify with index probes / with the prepared statement | $(div "$verify" "$(m verify_sql.tps)") | |"
 echo "| \`SELECT 1\` | $select1 tps, $(m select1.lat) ms | $(paste -sd' ' "$OUT/select1.tps") |"
 echo "| **verify / floor** | **$ratio** (target >= 0.6) | |"
 # Each round's verify run follows its floor run: their ratio round by round cancels most of
 # the machine's drift between rounds, which the ratio of the two medians above does not.
-# The ratio $2 / $1 of each round, a line each.
-by_round() { paste "$OUT/$1.tps" "$OUT/$2.tps" | while read -r a b; do div "$b" "$a"; echo; done; }
 paired=$(by_round floor verify)
 echo "| verify / floor round by round (each verify run right after its floor run) | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
 if [ -f "$OUT/verify10k.tps" ]; then
@@ -205,6 +212,7 @@ echo "| keys whose last_used_at was written during the pgbench rounds | $used_ke
 echo "| rows updated by those writes (of which HOT updates) | $upd ($hot) | |"
 echo "| autovacuum runs on the key table during the rounds | $av | |"
 echo "| in-database cost, verify | $(m cost_verify) µs per call (target <= 10) | $(paste -sd' ' "$OUT/cost_verify") |"
+echo "| in-database cost, verify_api_key_status | $(m cost_status) µs per call | $(paste -sd' ' "$OUT/cost_status") |"
 echo "| in-database cost, verify with the prepared statement | $(m cost_verify_sql) µs per call | $(paste -sd' ' "$OUT/cost_verify_sql") |"
 echo "| in-database cost, create | $(m cost_create) µs per call (target <= 150) | $(paste -sd' ' "$OUT/cost_create") |"
 echo "| in-database cost, revoke | $(m cost_revoke) µs per call | $(paste -sd' ' "$OUT/cost_revoke") |"

@@ -144,10 +144,13 @@ CREATE TRIGGER keyhippo_notify_expiring_key
     AFTER INSERT OR UPDATE OF expires_at ON keyhippo.api_key_metadata
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.notify_expiring_key();
 
--- The periodic job: reports every unrevoked key that time has carried into the window and that
--- has not been reported since it entered it. Returns how many it reported. Scheduled
--- hourly with pg_cron when that is installed (see finalize.sql); otherwise call it from any
--- scheduler: psql -c 'SELECT keyhippo.update_expiring_keys()'.
+-- The periodic job. Reports every unrevoked key that time has carried into the window and that
+-- has not been reported since it entered it; revokes keys whose rotation grace period is over
+-- (revoked_reason stays 'rotated'; their hashes go); and, when keyhippo.disable_unused_after is
+-- set, disables keys unused for that long (after writing the uses still buffered in shared
+-- memory). Returns how many keys it reported as expiring. Scheduled hourly with pg_cron when
+-- that is installed (see finalize.sql); otherwise call it from any scheduler:
+-- psql -c 'SELECT keyhippo.update_expiring_keys()'.
 CREATE FUNCTION keyhippo.update_expiring_keys() RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -155,9 +158,32 @@ SET keyhippo_audit.function_name = 'update_expiring_keys'
 AS $$
 DECLARE
     v_window interval := keyhippo_internal.expiry_window();
+    v_unused text := NULLIF(pg_catalog.btrim(pg_catalog.current_setting('keyhippo.disable_unused_after', true)), '');
+    v_after interval;
     v_reported integer := 0;
     k record;
 BEGIN
+    UPDATE keyhippo.api_key_metadata m
+       SET is_revoked = true, revoked_at = pg_catalog.now()
+     WHERE NOT m.is_revoked AND m.revoked_reason = 'rotated' AND m.expires_at <= pg_catalog.now();
+    IF v_unused IS NOT NULL THEN
+        BEGIN
+            v_after := v_unused::interval;
+        EXCEPTION WHEN OTHERS THEN
+            v_after := NULL;
+        END;
+        IF v_after IS NULL OR v_after <= interval '0' THEN
+            RAISE WARNING 'keyhippo: keyhippo.disable_unused_after (''%'') is not a positive interval; no key was disabled', v_unused
+                USING ERRCODE = '22023', HINT = 'Set it to an interval such as ''90 days'', or to '''' to switch it off.';
+        ELSE
+            PERFORM keyhippo.flush_key_usage();
+            UPDATE keyhippo.api_key_metadata m
+               SET disabled_at = pg_catalog.now()
+             WHERE NOT m.is_revoked AND m.disabled_at IS NULL
+               AND m.expires_at > pg_catalog.now()
+               AND COALESCE(m.last_used_at, m.created_at) < pg_catalog.now() - v_after;
+        END IF;
+    END IF;
     IF v_window IS NULL THEN
         RETURN 0;
     END IF;

@@ -94,7 +94,7 @@ CREATE TABLE keyhippo.scope_permissions (
 
 -- Keys ---------------------------------------------------------------------------------------
 
--- Exactly the columns of KeyHippo 1.2.5, plus revoked_at.
+-- The columns of KeyHippo 1.2.5, then revoked_at, disabled_at and revoked_reason.
 CREATE TABLE keyhippo.api_key_metadata (
     id uuid PRIMARY KEY DEFAULT pg_catalog.gen_random_uuid(),
     user_id uuid NOT NULL,
@@ -109,7 +109,10 @@ CREATE TABLE keyhippo.api_key_metadata (
     expires_at timestamptz NOT NULL DEFAULT (pg_catalog.now() + interval '100 years'),
     is_revoked boolean NOT NULL DEFAULT false,
     claims jsonb DEFAULT '{}'::jsonb,
-    revoked_at timestamptz
+    revoked_at timestamptz,
+    disabled_at timestamptz,
+    revoked_reason text
+        CONSTRAINT api_key_metadata_revoked_reason_check CHECK (revoked_reason ~ '^[a-z_]{1,32}$')
     -- CHECK constraints on description and claims: sql/finalize.sql (they call functions
     -- defined after this file).
 )
@@ -132,6 +135,10 @@ COMMENT ON COLUMN keyhippo.api_key_metadata.prefix IS
     'Public part of the key (kh_ + 16 characters): shown to users, used to find the key';
 COMMENT ON COLUMN keyhippo.api_key_metadata.revoked_at IS
     'When the key was revoked; set together with is_revoked';
+COMMENT ON COLUMN keyhippo.api_key_metadata.disabled_at IS
+    'When the key was disabled (disable_api_key): it does not verify until enable_api_key; NULL when enabled';
+COMMENT ON COLUMN keyhippo.api_key_metadata.revoked_reason IS
+    'Why the key was ended: revoked, rotated, leaked (set with is_revoked; rotated on a key that is not revoked yet: it ends at expires_at, the end of its rotation grace period)';
 
 -- The only place a key's hash lives. No grants to anon, authenticated or service_role.
 -- Hashes are never updated, only inserted and deleted. The primary key INCLUDEs key_hash: where

@@ -72,29 +72,104 @@ BEGIN
 END
 $$;
 
--- PostgREST's db-pre-request hook. Every non-anonymous request passes; an anonymous one needs a
--- valid key in x-api-key, else HTTP 401 with a JSON body that says no more than "invalid or
--- missing API key". The role is read with GetOuterUserId() (caller_role_name): inside this
--- SECURITY DEFINER function current_role is the owner, which is why KeyHippo 1.2.5's hook never
--- refused anything.
+-- PostgREST's db-pre-request hook (switched on by keyhippo.enable_postgrest_check()). A request
+-- that presents a key in x-api-key is admitted only if the key is VALID; otherwise HTTP 401
+-- whose JSON body says why in "details": "expired", "disabled" or "invalid". A request without
+-- a key passes as its role (anon, or the user of its JWT), unless keyhippo.require_api_key is on:
+-- then an anonymous request without a key is refused ("missing"). A JWT API key (claim
+-- type = 'api_key') that PostgREST accepted by its signature must still be live: known,
+-- unrevoked, unexpired, enabled. The role is read with GetOuterUserId() (caller_role_name):
+-- inside this SECURITY DEFINER function current_role is the owner, which is why KeyHippo 1.2.5's
+-- hook never refused anything.
 CREATE FUNCTION keyhippo.check_request() RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_status text;
+    v_reason text;
 BEGIN
-    -- A JWT API key (type = 'api_key') PostgREST accepted by its signature still needs a live
-    -- jti: known, unrevoked, unexpired.
-    IF keyhippo_internal.jwt_api_key_active() THEN
-        IF keyhippo_internal.caller_role_name() IS DISTINCT FROM 'anon' THEN
+    IF NOT keyhippo_internal.jwt_api_key_active() THEN
+        v_reason := 'invalid';
+    ELSE
+        v_status := keyhippo_internal.header_key_status();
+        IF v_status = 'VALID' THEN
             RETURN;
-        END IF;
-        IF keyhippo_internal.header_key_valid() THEN
+        ELSIF v_status IS NOT NULL THEN
+            v_reason := CASE v_status WHEN 'EXPIRED' THEN 'expired'
+                                      WHEN 'DISABLED' THEN 'disabled'
+                                      ELSE 'invalid' END;
+        ELSIF keyhippo_internal.caller_role_name() = 'anon'
+              AND pg_catalog.current_setting('keyhippo.require_api_key', true) = 'on' THEN
+            v_reason := 'missing';
+        ELSE
             RETURN;
         END IF;
     END IF;
     RAISE SQLSTATE 'PGRST' USING
-        MESSAGE = '{"code":"KH401","message":"invalid or missing API key","details":null,"hint":"Send a valid API key in the x-api-key header."}',
+        MESSAGE = pg_catalog.jsonb_build_object(
+            'code', 'KH401',
+            'message', CASE v_reason WHEN 'missing' THEN 'missing API key'
+                                     WHEN 'expired' THEN 'API key expired'
+                                     WHEN 'disabled' THEN 'API key disabled'
+                                     ELSE 'invalid API key' END,
+            'details', v_reason,
+            'hint', CASE v_reason WHEN 'expired' THEN 'The key has expired; use a current key.'
+                                  WHEN 'disabled' THEN 'The key is disabled; its owner can enable it again.'
+                                  ELSE 'Send a valid API key in the x-api-key header.' END)::text,
         DETAIL = '{"status":401,"headers":{"WWW-Authenticate":"ApiKey"}}';
+END
+$$;
+
+-- Switching the hook on and off: for this database only, through a setting of PostgREST's login
+-- role in this database (ALTER ROLE authenticator IN DATABASE ...), and PostgREST is told to
+-- reload its configuration. CREATE EXTENSION changes no role; this is the one call that does.
+CREATE FUNCTION keyhippo.enable_postgrest_check(require_api_key boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticator') THEN
+        RAISE EXCEPTION 'keyhippo: there is no role "authenticator" (PostgREST''s login role)'
+            USING ERRCODE = '42704',
+                  HINT = 'Create the role PostgREST logs in as, or set db-pre-request = "keyhippo.check_request" in PostgREST''s own configuration.';
+    END IF;
+    EXECUTE pg_catalog.format('ALTER ROLE authenticator IN DATABASE %I SET pgrst.db_pre_request = %L',
+                              pg_catalog.current_database(), 'keyhippo.check_request');
+    IF COALESCE(require_api_key, false) THEN
+        EXECUTE pg_catalog.format('ALTER ROLE authenticator IN DATABASE %I SET keyhippo.require_api_key = on',
+                                  pg_catalog.current_database());
+    ELSE
+        EXECUTE pg_catalog.format('ALTER ROLE authenticator IN DATABASE %I RESET keyhippo.require_api_key',
+                                  pg_catalog.current_database());
+    END IF;
+    NOTIFY pgrst, 'reload config';
+END
+$$;
+
+CREATE FUNCTION keyhippo.disable_postgrest_check() RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticator') THEN
+        RETURN;
+    END IF;
+    EXECUTE pg_catalog.format('ALTER ROLE authenticator IN DATABASE %I RESET pgrst.db_pre_request',
+                              pg_catalog.current_database());
+    EXECUTE pg_catalog.format('ALTER ROLE authenticator IN DATABASE %I RESET keyhippo.require_api_key',
+                              pg_catalog.current_database());
+    -- A setting for every database (KeyHippo 1.2.5 ran ALTER ROLE authenticator SET ...) is not
+    -- this database's to remove: say so.
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_db_role_setting s
+                 JOIN pg_catalog.pg_roles r ON r.oid = s.setrole
+                WHERE r.rolname = 'authenticator' AND s.setdatabase = 0
+                  AND 'pgrst.db_pre_request=keyhippo.check_request' = ANY (s.setconfig)) THEN
+        RAISE WARNING 'keyhippo: role authenticator still runs keyhippo.check_request in every database'
+            USING HINT = 'That setting was made for the whole cluster (ALTER ROLE authenticator SET ...); remove it with ALTER ROLE authenticator RESET pgrst.db_pre_request.';
+    END IF;
+    NOTIFY pgrst, 'reload config';
 END
 $$;
 
@@ -420,8 +495,8 @@ ALTER TABLE keyhippo.api_key_metadata
 
 -- Revocation ------------------------------------------------------------------------------------
 
--- is_revoked (KeyHippo 1.2.5) and revoked_at always agree, whichever one a caller sets, and
--- a revoked key stays revoked.
+-- is_revoked (KeyHippo 1.2.5) and revoked_at always agree, whichever one a caller sets, a
+-- revoked key stays revoked, and revoked_reason says why.
 CREATE FUNCTION keyhippo_internal.sync_revocation() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -435,6 +510,10 @@ BEGIN
         NEW.is_revoked := true;
     ELSIF NEW.is_revoked AND NEW.revoked_at IS NULL THEN
         NEW.revoked_at := pg_catalog.now();
+    END IF;
+    -- Every revocation records why; a plain UPDATE revokes for the reason 'revoked'.
+    IF NEW.is_revoked AND NOT OLD.is_revoked THEN
+        NEW.revoked_reason := COALESCE(NEW.revoked_reason, 'revoked');
     END IF;
     RETURN NEW;
 END
@@ -477,7 +556,8 @@ CREATE TRIGGER keyhippo_cache_update AFTER UPDATE ON keyhippo.api_key_metadata
     FOR EACH ROW
     WHEN (OLD.is_revoked IS DISTINCT FROM NEW.is_revoked OR OLD.revoked_at IS DISTINCT FROM NEW.revoked_at
           OR OLD.expires_at IS DISTINCT FROM NEW.expires_at OR OLD.user_id IS DISTINCT FROM NEW.user_id
-          OR OLD.scope_id IS DISTINCT FROM NEW.scope_id OR OLD.prefix IS DISTINCT FROM NEW.prefix)
+          OR OLD.scope_id IS DISTINCT FROM NEW.scope_id OR OLD.prefix IS DISTINCT FROM NEW.prefix
+          OR OLD.disabled_at IS DISTINCT FROM NEW.disabled_at)
     EXECUTE FUNCTION keyhippo_internal.note_key_change();
 CREATE TRIGGER keyhippo_cache_delete AFTER DELETE OR TRUNCATE ON keyhippo.api_key_metadata
     FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
@@ -795,7 +875,7 @@ GRANT EXECUTE ON FUNCTION keyhippo_internal.caller_role_name() TO anon, authenti
 GRANT EXECUTE ON FUNCTION keyhippo_internal.caller_is_admin() TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.has_permission(text) TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.jwt_user_role() TO anon, authenticated, service_role;
-GRANT EXECUTE ON FUNCTION keyhippo_internal.header_key_valid() TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.header_key_status() TO anon, authenticated, service_role;
 -- The CHECK constraints of api_key_metadata call these with the writer's rights.
 GRANT EXECUTE ON FUNCTION keyhippo_internal.description_ok(text) TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.claims_ok(jsonb) TO anon, authenticated, service_role;
@@ -827,12 +907,19 @@ GRANT EXECUTE ON FUNCTION keyhippo_impersonation.end_impersonation() TO anon, au
 
 -- Verification is open to every request, including anonymous ones carrying a key.
 GRANT EXECUTE ON FUNCTION keyhippo.verify_api_key(text) TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.verify_api_key_status(text) TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.report_leaked_keys(text[]) TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.create_api_key(text, text, interval) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.create_jwt_api_key(text, interval, text) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.jwt_api_key_active() TO anon, authenticated, service_role;
 GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo.jwt_api_keys TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.revoke_api_key(uuid) TO authenticated, service_role;
-GRANT EXECUTE ON FUNCTION keyhippo.rotate_api_key(uuid) TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.rotate_api_key(uuid, interval) TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.disable_api_key(uuid) TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.enable_api_key(uuid) TO authenticated, service_role;
+-- Switching PostgREST's hook changes a setting of its login role: the database owner's call.
+GRANT EXECUTE ON FUNCTION keyhippo.enable_postgrest_check(boolean) TO pg_database_owner;
+GRANT EXECUTE ON FUNCTION keyhippo.disable_postgrest_check() TO pg_database_owner;
 GRANT EXECUTE ON FUNCTION keyhippo.update_key_claims(uuid, jsonb) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.initialize_keyhippo() TO service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.initialize_existing_project() TO service_role;
@@ -880,14 +967,5 @@ BEGIN
 END
 $cron$;
 
--- PostgREST: run the pre-request hook for every request, when this database has PostgREST's
--- authenticator role. (After DROP EXTENSION, run
--- ALTER ROLE authenticator RESET pgrst.db_pre_request.)
-DO $postgrest$
-BEGIN
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticator') THEN
-        ALTER ROLE authenticator SET pgrst.db_pre_request = 'keyhippo.check_request';
-        NOTIFY pgrst, 'reload config';
-    END IF;
-END
-$postgrest$;
+-- PostgREST: nothing here. The pre-request hook is switched on for this database with
+-- SELECT keyhippo.enable_postgrest_check(); (see above).

@@ -41,7 +41,8 @@ const MAX_ENTRIES: usize = 100_000;
 struct Entry {
     key_hash: String,
     verified: VerifiedKey,
-    expires_at_micros: i64,
+    /// The key's expiry (TimestampTz).
+    expires_at: i64,
     epoch: u64,
     /// The key's last use this backend knows of (recorded, or read from its row; TimestampTz):
     /// a cached verify records a use only when this is an interval old, as verify does from
@@ -69,19 +70,24 @@ pub fn keys_enabled() -> bool {
     settings::VERIFIED_KEY_CACHE.get() && enabled()
 }
 
-fn now_micros() -> i64 {
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// The wall clock now, as a TimestampTz.
+fn now_timestamp() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+        - POSTGRES_EPOCH_MICROS
 }
 
 /// A cached verification of `api_key` (whose lookup prefix is `prefix`), if one is valid now.
 /// `Some(None)` means the cache knows the key is invalid (wrong secret for a cached prefix).
-/// With the key, whether its use at `now` (TimestampTz) is due to be recorded
-/// ([`usage::due`] from the last use the entry knows): the entry then counts it as
+/// With the key, its expiry (TimestampTz) and whether its use at `now` (TimestampTz) is due to
+/// be recorded ([`usage::due`] from the last use the entry knows): the entry then counts it as
 /// recorded.
-pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedKey, bool)>> {
+pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedKey, i64, bool)>> {
     if !keys_enabled() {
         return None;
     }
@@ -89,7 +95,7 @@ pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedK
     ENTRIES.with(|entries| {
         let mut entries = entries.borrow_mut();
         let entry = entries.get_mut(prefix)?;
-        if entry.epoch != epoch || entry.expires_at_micros <= now_micros() {
+        if entry.epoch != epoch || entry.expires_at <= now_timestamp() {
             return None;
         }
         if !hash::verify_key(api_key, &entry.key_hash) {
@@ -99,7 +105,7 @@ pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedK
         if due {
             entry.used_at = now;
         }
-        Some(Some((entry.verified.clone(), due)))
+        Some(Some((entry.verified.clone(), entry.expires_at, due)))
     })
 }
 
@@ -138,14 +144,14 @@ fn unchanged_since(before: Option<u64>) -> Option<u64> {
     quiet.then_some(epoch)
 }
 
-/// Caches a lookup's result if nothing changed while it ran: the key and its last known use
-/// (TimestampTz).
+/// Caches a lookup's result if nothing changed while it ran: the key, its expiry and its last
+/// known use (both TimestampTz).
 pub fn store(
     before: Option<u64>,
     prefix: &str,
     key_hash: &str,
     verified: &VerifiedKey,
-    expires_at_micros: i64,
+    expires_at: i64,
     used_at: i64,
 ) {
     if !keys_enabled() {
@@ -164,7 +170,7 @@ pub fn store(
             Entry {
                 key_hash: key_hash.to_string(),
                 verified: verified.clone(),
-                expires_at_micros,
+                expires_at,
                 epoch,
                 used_at,
             },

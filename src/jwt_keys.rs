@@ -45,20 +45,22 @@ fn now_epoch() -> i64 {
         .unwrap_or(0)
 }
 
-/// For a JWT that verifies with the configured secret, is an API key (`type = 'api_key'`), is
-/// not past its `exp` and has a UUID `jti`: the metadata prefix to look it up by. None for
+/// For a JWT that verifies with the configured secret, is an API key (`type = 'api_key'`) and
+/// has a UUID `jti`: the metadata prefix to look it up by, and whether it is past its `exp`
+/// (the holder has the whole key: verify reports it as expired, not as unknown). None for
 /// anything else, including when no secret is configured.
-pub fn lookup_prefix(token: &str) -> Option<String> {
+pub fn lookup_prefix(token: &str) -> Option<(String, bool)> {
     if !jwt::looks_like_jwt(token) {
         return None;
     }
     let secret = signing_secret().ok()?;
     let claims = jwt::verify(token, secret.as_bytes()).ok()?;
-    if claims.get("type")? != "api_key" || claims.get("exp")?.as_i64()? <= now_epoch() {
+    if claims.get("type")? != "api_key" {
         return None;
     }
+    let expired = claims.get("exp")?.as_i64()? <= now_epoch();
     let jti = request::parse_uuid(claims.get("jti")?.as_str()?)?;
-    Some(format!("{PREFIX}{jti}"))
+    Some((format!("{PREFIX}{jti}"), expired))
 }
 
 const INSERT_JWT_KEY: Plan = Plan {
@@ -128,12 +130,13 @@ pub fn insert_jwt_key(
     Ok((token, id))
 }
 
-/// The live key a JWT API key's jti names: known, of that subject, unrevoked, unexpired, and
-/// with its hash still stored (revocation deletes it, however it was written).
+/// The live key a JWT API key's jti names: known, of that subject, unrevoked, unexpired, not
+/// disabled, and with its hash still stored (revocation deletes it, however it was written).
 const JTI_KEY: Plan = Plan {
     sql: "SELECT m.id, m.scope_id FROM keyhippo.api_key_metadata m \
            WHERE m.prefix = $1 AND m.user_id = $2 \
              AND NOT m.is_revoked AND m.revoked_at IS NULL AND m.expires_at > pg_catalog.now() \
+             AND m.disabled_at IS NULL \
              AND EXISTS (SELECT 1 FROM keyhippo.api_key_secrets s WHERE s.key_metadata_id = m.id)",
     args: &[types::TEXT, types::UUID],
     mutating: false,

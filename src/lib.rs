@@ -35,6 +35,7 @@ mod fallback_use;
 mod impersonation;
 mod issue;
 mod jwt_keys;
+mod leaks;
 mod manage;
 mod permissions;
 mod request;

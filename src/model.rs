@@ -16,6 +16,8 @@ pub struct KeyRow {
     pub expires_at: i64,
     pub last_used_at: Option<i64>,
     pub is_revoked: bool,
+    /// Whether `disabled_at` is set (the key is disabled).
+    pub is_disabled: bool,
 }
 
 /// A key that verified.

@@ -34,6 +34,15 @@ pub static DEFAULT_KEY_LIFETIME: GucSetting<Option<CString>> =
 pub static JWT_MAX_LIFETIME: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"1 year"));
 
+/// `keyhippo.require_api_key`: whether PostgREST's pre-request hook refuses anonymous requests
+/// that carry no key (off: they pass as `anon`, as with KeyHippo 1.2.5).
+pub static REQUIRE_API_KEY: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// `keyhippo.disable_unused_after`: `update_expiring_keys()` disables keys unused for this long
+/// (an interval; empty, the default, never).
+pub static DISABLE_UNUSED_AFTER: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
 /// `keyhippo_audit.function_name`: which keyhippo function written in SQL is running, set by the
 /// `SET` clause of each (SECURITY DEFINER, owned by the superuser who created the extension).
 /// Superuser-only, so that no caller can make an audit row name a function that did not run.
@@ -91,6 +100,22 @@ pub fn define() {
         c"The longest lifetime (an interval) create_jwt_api_key accepts.",
         c"Longer lifetimes are refused with SQLSTATE 22023.",
         &JWT_MAX_LIFETIME,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"keyhippo.require_api_key",
+        c"Whether keyhippo.check_request() refuses anonymous requests that carry no API key.",
+        c"Off (the default): a request without x-api-key passes as anon. keyhippo.enable_postgrest_check(true) sets it for PostgREST's role in this database.",
+        &REQUIRE_API_KEY,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"keyhippo.disable_unused_after",
+        c"keyhippo.update_expiring_keys() disables API keys unused for this long (an interval; empty: never).",
+        c"Uses are counted from last_used_at, or from created_at for a key never used. Uses seen only on a hot standby are not recorded: keep this off when keys are used through replicas.",
+        &DISABLE_UNUSED_AFTER,
         GucContext::Suset,
         GucFlags::default(),
     );

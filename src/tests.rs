@@ -100,6 +100,45 @@ mod tests {
         assert_eq!(verify_count(&format!("'{key}'")), 1);
     }
 
+    fn status_of(key: &str) -> String {
+        Spi::get_one::<String>(&format!(
+            "SELECT status FROM keyhippo.verify_api_key_status('{key}')"
+        ))
+        .unwrap()
+        .unwrap()
+    }
+
+    /// Both lookups (index probes, prepared statement) read disabled_at and expires_at, and
+    /// verify_api_key_status names what they found.
+    #[pg_test]
+    fn both_lookups_tell_disabled_and_expired_keys() {
+        act_as(USER_A);
+        let (key, id) = create_key("status");
+        for probes in ["on", "off"] {
+            Spi::run(&format!("SET keyhippo.verify_index_probes = {probes}")).unwrap();
+            assert_eq!(status_of(&key), "VALID");
+            Spi::run(&format!("SELECT keyhippo.disable_api_key('{id}')")).unwrap();
+            assert_eq!(status_of(&key), "DISABLED");
+            assert_eq!(verify_count(&format!("'{key}'")), 0);
+            Spi::run(&format!("SELECT keyhippo.enable_api_key('{id}')")).unwrap();
+            assert_eq!(status_of(&key), "VALID");
+            assert_eq!(verify_count(&format!("'{key}'")), 1);
+        }
+        Spi::run(&format!(
+            "UPDATE keyhippo.api_key_metadata SET expires_at = now() - interval '1 second' WHERE id = '{id}'"
+        ))
+        .unwrap();
+        for probes in ["on", "off"] {
+            Spi::run(&format!("SET keyhippo.verify_index_probes = {probes}")).unwrap();
+            assert_eq!(status_of(&key), "EXPIRED");
+        }
+        // The wrong secret on the same prefix is not the key: nothing about it is told.
+        let fresh = keyhippo_core::token::generate().key;
+        let forged =
+            keyhippo_core::token::seal(format!("{}{}", &key[..20], &fresh[20..fresh.len() - 6]));
+        assert_eq!(status_of(&forged), "NOT_FOUND");
+    }
+
     #[pg_test]
     fn revocation_deletes_the_hash_and_stops_verification() {
         act_as(USER_A);
@@ -198,8 +237,8 @@ mod tests {
             None
         );
         assert_eq!(
-            Spi::get_one::<bool>("SELECT keyhippo_internal.header_key_valid()").unwrap(),
-            Some(false)
+            Spi::get_one::<&str>("SELECT keyhippo_internal.header_key_status()").unwrap(),
+            Some("NOT_FOUND")
         );
         set_header_key(&key);
         let data = Spi::get_one::<pgrx::JsonB>("SELECT keyhippo.key_data()")

@@ -19,29 +19,87 @@ use crate::pg::plans::{types, Plan};
 use crate::{cache, fallback_use, jwt_keys, permissions, settings, usage};
 use keyhippo_core::{hash, token};
 
-/// The verify path shared by every caller: format and checksum first (no table touched for
-/// junk), then one indexed lookup, then a constant-time hash comparison.
+/// What a key is, as `verify_api_key_status` reports it. Only [`Status::Valid`] admits a request.
+pub enum Status {
+    /// A key this database issued, whose secret matched, enabled and unexpired.
+    Valid {
+        key: VerifiedKey,
+        /// TimestampTz.
+        expires_at: i64,
+    },
+    /// Anything else that is not a usable key: junk, a wrong secret, an unknown or revoked key.
+    NotFound,
+    /// The secret matched; the key is past its expiry.
+    Expired(Refused),
+    /// The secret matched; the key is disabled.
+    Disabled(Refused),
+}
+
+/// The key row of a key refused for being expired or disabled (its secret matched).
+pub struct Refused {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub scope_id: Option<Uuid>,
+    /// TimestampTz.
+    pub expires_at: i64,
+}
+
+impl Status {
+    /// The name `verify_api_key_status` returns.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Status::Valid { .. } => "VALID",
+            Status::NotFound => "NOT_FOUND",
+            Status::Expired(_) => "EXPIRED",
+            Status::Disabled(_) => "DISABLED",
+        }
+    }
+
+    /// The key, when valid.
+    pub fn valid(self) -> Option<VerifiedKey> {
+        match self {
+            Status::Valid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// Verifies a key for use: the key when it is valid, None for anything else (never an error for
+/// bad input). Records the use.
 pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
+    Ok(check(api_key, true)?.valid())
+}
+
+/// The verify path shared by every caller: format and checksum first (no table touched for
+/// junk), then one indexed lookup, then a constant-time hash comparison, then the key's state.
+/// `record_use`: whether a valid key's use is recorded in `last_used_at` (not when a key is
+/// reported as leaked).
+pub fn check(api_key: Option<&str>, record_use: bool) -> Result<Status> {
     let Some(api_key) = api_key else {
-        return Ok(None);
+        return Ok(Status::NotFound);
     };
-    // Opaque keys carry their lookup prefix; JWT keys are checked (signature, alg, type, exp)
-    // and found by their jti. Anything else is rejected without touching a table.
-    let prefix = match token::parse(api_key) {
-        Ok(parsed) => parsed.prefix.to_string(),
+    // Opaque keys carry their lookup prefix; JWT keys are checked (signature, alg, type) and
+    // found by their jti. Anything else is rejected without touching a table.
+    let (prefix, token_expired) = match token::parse(api_key) {
+        Ok(parsed) => (parsed.prefix.to_string(), false),
         Err(_) => match jwt_keys::lookup_prefix(api_key) {
-            Some(prefix) => prefix,
-            None => return Ok(None),
+            Some(found) => found,
+            None => return Ok(Status::NotFound),
         },
     };
     let now = backend::transaction_start();
-    if let Some(cached) = cache::lookup(&prefix, api_key, now) {
-        return Ok(cached.map(|(verified, due)| {
-            if due && !usage::record(verified.id, now) && fallback_use::possible() {
-                fallback_use::record_at_commit(verified.id);
-            }
-            verified
-        }));
+    if !token_expired {
+        if let Some(cached) = cache::lookup(&prefix, api_key, now) {
+            return Ok(match cached {
+                Some((key, expires_at, due)) => {
+                    if due && record_use {
+                        record(key.id, now);
+                    }
+                    Status::Valid { key, expires_at }
+                }
+                None => Status::NotFound,
+            });
+        }
     }
     let before = cache::begin_lookup();
     // The index probes (src/pg/lookup.rs); the same lookup as a prepared statement when they are
@@ -60,11 +118,31 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
     } else {
         find()?
     };
-    verified_from_row(api_key, &prefix, now, before, found)
+    let Some(row) = found else {
+        return Ok(Status::NotFound);
+    };
+    let checked = Checked {
+        api_key,
+        prefix: &prefix,
+        now,
+        before,
+        token_expired,
+        record_use,
+    };
+    checked.status_of(row)
+}
+
+/// Records a use of key `id` at `now`: in shared memory, or at commit when that is full or
+/// missing.
+fn record(id: Uuid, now: i64) {
+    if !usage::record(id, now) && fallback_use::possible() {
+        fallback_use::record_at_commit(id);
+    }
 }
 
 const FIND_KEY: Plan = Plan {
-    sql: "SELECT m.id, m.user_id, m.scope_id, m.last_used_at, m.expires_at, m.is_revoked, s.key_hash \
+    sql: "SELECT m.id, m.user_id, m.scope_id, m.last_used_at, m.expires_at, m.is_revoked, \
+                 s.key_hash, m.disabled_at IS NOT NULL \
             FROM keyhippo.api_key_metadata m \
             JOIN keyhippo.api_key_secrets s ON s.key_metadata_id = m.id \
            WHERE m.prefix = $1",
@@ -97,53 +175,75 @@ fn find_by_statement(prefix: &str) -> Result<Option<KeyRow>> {
                 expires_at: expires_at.into(),
                 last_used_at: row.get::<TimestampWithTimeZone>(4)?.map(i64::from),
                 is_revoked,
+                is_disabled: row.get::<bool>(8)?.unwrap_or(false),
             }))
         })
     })
 }
 
-/// Microseconds between the Unix epoch and Postgres' (2000-01-01).
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
-
-/// The checks of verify on a key row found by [`lookup::find`]: not revoked, not expired,
-/// the hash matches; then permissions, the cache, and recording the use at `now` (the
-/// transaction's start, TimestampTz).
-fn verified_from_row(
-    api_key: &str,
-    prefix: &str,
+/// One lookup's context, for judging the row it found.
+struct Checked<'a> {
+    api_key: &'a str,
+    prefix: &'a str,
+    /// The transaction's start (TimestampTz): keys expire against it.
     now: i64,
     before: Option<u64>,
-    found: Option<KeyRow>,
-) -> Result<Option<VerifiedKey>> {
-    let Some(row) = found else { return Ok(None) };
-    if row.is_revoked || row.expires_at <= now || !hash::verify_key(api_key, &row.key_hash) {
-        return Ok(None);
+    /// A JWT key past its `exp`.
+    token_expired: bool,
+    record_use: bool,
+}
+
+impl Checked<'_> {
+    /// The status of the key row found: the hash first (nothing about a key is told to whoever
+    /// does not hold all of it), then revoked, expired, disabled; for a valid key its
+    /// permissions, the cache, and the recording of its use.
+    fn status_of(&self, row: KeyRow) -> Result<Status> {
+        if !hash::verify_key(self.api_key, &row.key_hash) || row.is_revoked {
+            return Ok(Status::NotFound);
+        }
+        let refused = || Refused {
+            id: row.id,
+            user_id: row.user_id,
+            scope_id: row.scope_id,
+            expires_at: row.expires_at,
+        };
+        if row.expires_at <= self.now || self.token_expired {
+            return Ok(Status::Expired(refused()));
+        }
+        if row.is_disabled {
+            return Ok(Status::Disabled(refused()));
+        }
+        let permissions = match cache::permissions(&PermissionsOf::key(row.user_id, row.scope_id)) {
+            Some(permissions) => permissions,
+            None => as_owner(|| permissions::fresh(row.user_id, row.scope_id))?,
+        };
+        let key = VerifiedKey {
+            id: row.id,
+            user_id: row.user_id,
+            scope_id: row.scope_id,
+            permissions,
+        };
+        let due = usage::due(row.last_used_at, self.now);
+        if due && self.record_use {
+            record(row.id, self.now);
+        }
+        // The last use the cache entry knows: this one when recorded now.
+        let used_at = if due && self.record_use {
+            self.now
+        } else {
+            row.last_used_at.unwrap_or(i64::MIN)
+        };
+        cache::store(
+            self.before,
+            self.prefix,
+            &row.key_hash,
+            &key,
+            row.expires_at,
+            used_at,
+        );
+        Ok(Status::Valid {
+            key,
+            expires_at: row.expires_at,
+        })
     }
-    let permissions = match cache::permissions(&PermissionsOf::key(row.user_id, row.scope_id)) {
-        Some(permissions) => permissions,
-        None => as_owner(|| permissions::fresh(row.user_id, row.scope_id))?,
-    };
-    let verified = VerifiedKey {
-        id: row.id,
-        user_id: row.user_id,
-        scope_id: row.scope_id,
-        permissions,
-    };
-    let due = usage::due(row.last_used_at, now);
-    if due && !usage::record(row.id, now) && fallback_use::possible() {
-        fallback_use::record_at_commit(row.id);
-    }
-    let used_at = match row.last_used_at {
-        Some(used) if !due => used,
-        _ => now,
-    };
-    cache::store(
-        before,
-        prefix,
-        &row.key_hash,
-        &verified,
-        row.expires_at + POSTGRES_EPOCH_MICROS,
-        used_at,
-    );
-    Ok(Some(verified))
 }

@@ -258,5 +258,58 @@ wait "$!"
 check "second connection acts as its own user" "$U6" "$(lines "$WORK/9b")"
 check "first connection still acts as its user, and logs out" "$USER_A logged out" "$(lines "$WORK/9a")"
 
+# 10. Two rotations of one key at once: one winner. The first holds the key's row; the second
+#     waits, then finds the key already rotated (55000), in READ COMMITTED and with a grace
+#     period alike; in REPEATABLE READ the loser gets a serialization failure (40001).
+rotate_race() { # grace isolation: prints the two outcomes, sorted
+    read -r key id <<<"$(new_key "rotate race")"
+    q -c "$as_a" -c "BEGIN ISOLATION LEVEL $2" \
+      -c "SELECT 'rotated ' || (new_api_key_id IS NOT NULL) FROM keyhippo.rotate_api_key('$id', '$1')" \
+      -c "SELECT pg_sleep(1.2)" -c "COMMIT" >"$WORK/rot.1" 2>&1 &
+    sleep 0.4
+    q -v VERBOSITY=verbose -c "$as_a" -c "BEGIN ISOLATION LEVEL $2" \
+      -c "SELECT 'rotated ' || (new_api_key_id IS NOT NULL) FROM keyhippo.rotate_api_key('$id', '$1')" \
+      -c "COMMIT" >"$WORK/rot.2" 2>&1
+    wait "$!"
+    for f in "$WORK/rot.1" "$WORK/rot.2"; do
+        grep -oE 'rotated t|ERROR: +[0-9A-Z]{5}' "$f" | head -1 | tr -s ' '
+    done | sort | tr '\n' ' ' | sed 's/ $//'
+    echo " $(q -c "SELECT count(*) FROM keyhippo.api_key_metadata WHERE description = 'rotate race' AND revoked_reason IS NULL")"
+}
+check "concurrent rotations, READ COMMITTED: one winner, one 55000, one new key" "ERROR: 55000 rotated t 1" \
+    "$(rotate_race 0 'READ COMMITTED')"
+q -c "DELETE FROM keyhippo.api_key_metadata WHERE description = 'rotate race'"
+check "concurrent rotations with a grace period: one winner, one 55000, one new key" "ERROR: 55000 rotated t 1" \
+    "$(rotate_race '1 hour' 'READ COMMITTED')"
+q -c "DELETE FROM keyhippo.api_key_metadata WHERE description = 'rotate race'"
+check "concurrent rotations, REPEATABLE READ: one winner, one 40001, one new key" "ERROR: 40001 rotated t 1" \
+    "$(rotate_race '1 hour' 'REPEATABLE READ')"
+
+# 11. A key disabled in one backend is refused by the very next verify of another backend that
+#     had verified (and cached) it; enabled again, it verifies again.
+read -r key id <<<"$(new_key disable)"
+q -c "SELECT status FROM keyhippo.verify_api_key_status('$key')" -c "SELECT pg_sleep(1.5)" \
+  -c "SELECT status FROM keyhippo.verify_api_key_status('$key')" -c "SELECT pg_sleep(1.5)" \
+  -c "SELECT status FROM keyhippo.verify_api_key_status('$key')" >"$WORK/11" &
+sleep 0.5
+q -c "$as_a" -c "SELECT keyhippo.disable_api_key('$id')" >/dev/null
+sleep 1.5
+q -c "$as_a" -c "SELECT keyhippo.enable_api_key('$id')" >/dev/null
+wait "$!"
+check "verify in another backend: before disable, after disable, after enable" "VALID DISABLED VALID" "$(lines "$WORK/11")"
+
+# 12. A leaked-key report: the owner's listener hears of it at commit, by key id only.
+read -r key id <<<"$(new_key leaked)"
+q -c "LISTEN keyhippo_key_leaked" -c "SELECT pg_sleep(1.5)" -c "SELECT 'marker: after report'" >"$WORK/listener12" 2>&1 &
+sleep 0.3
+q -c "SET ROLE anon" -c "SELECT keyhippo.report_leaked_keys(ARRAY['$key', 'junk'])" >/dev/null
+wait "$!"
+check "LISTEN: leaked-key notification received" yes \
+    "$(grep -q 'Asynchronous notification "keyhippo_key_leaked"' "$WORK/listener12" && echo yes || echo no)"
+check "LISTEN: leaked-key payload is the event and the key id only" "{\"id\": \"$id\", \"event\": \"leaked_key\"}" \
+    "$(grep -o 'payload "{[^}]*}"' "$WORK/listener12" | head -1 | sed -E 's/^payload "(.*)"$/\1/')"
+check "reported key revoked as leaked" "true|leaked|0" \
+    "$(q -c "SELECT m.is_revoked || '|' || m.revoked_reason || '|' || (SELECT count(*) FROM keyhippo.api_key_secrets s WHERE s.key_metadata_id = m.id) FROM keyhippo.api_key_metadata m WHERE m.id = '$id'")"
+
 echo "concurrency: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -73,13 +73,15 @@ pub mod keyhippo_internal {
         crate::error::or_raise(crate::caller::has_permission(permission))
     }
 
-    /// Whether the `x-api-key` header holds a valid, unrevoked, unexpired key (the pre-request
-    /// hook's test for anonymous requests).
+    /// The status of the key in the `x-api-key` header, as `verify_api_key_status` names it
+    /// (`VALID`, `NOT_FOUND`, `EXPIRED`, `DISABLED`); NULL when the request carries none. The
+    /// pre-request hook's test.
     #[pg_extern(volatile, security_definer, parallel_unsafe)]
     #[search_path(pg_catalog, pg_temp)]
-    fn header_key_valid() -> bool {
-        let key = crate::request::header_api_key();
-        key.is_some() && crate::error::or_raise(crate::verify::verify(key.as_deref())).is_some()
+    fn header_key_status() -> Option<&'static str> {
+        let key = crate::request::header_api_key()?;
+        let status = crate::error::or_raise(crate::verify::check(Some(&key), true));
+        Some(status.name())
     }
 
     /// The app_role named by the JWT's `user_role` claim, if it names one.

@@ -5,14 +5,15 @@
 //! (src/pg/srf.rs says why); the others are `#[pg_extern]`. All but verify are SECURITY DEFINER
 //! with `search_path` pinned to `pg_catalog, pg_temp`.
 
+use pgrx::datum::Interval;
 use pgrx::prelude::*;
-use pgrx::{JsonB, Uuid};
+use pgrx::{Array, JsonB, Uuid};
 
 use crate::audit::function_scope;
 use crate::error::or_raise;
 use crate::pg::jsonb;
 use crate::pg::srf::{self, Column};
-use crate::{issue, manage, validate, verify};
+use crate::{issue, leaks, manage, validate, verify};
 
 /// Creates an API key for the current user: one row (the plaintext key, shown once, and its
 /// id). Only the key's hash is stored.
@@ -99,6 +100,71 @@ COMMENT ON FUNCTION keyhippo.verify_api_key(text) IS
     requires = ["bootstrap"]
 );
 
+/// Why a key is or is not accepted: always one row, never an error for bad input. The key's
+/// columns are filled only when its secret matched (VALID, EXPIRED, DISABLED); permissions only
+/// for a VALID key. Costs what verify_api_key costs, and records a use of a valid key as it does.
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn keyhippo_verify_api_key_status(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: called by the executor through the V1 convention, as declared below.
+    unsafe {
+        srf::one_row(fcinfo, "verify_api_key_status", |args| {
+            let status = or_raise(verify::check(args.text(0), true));
+            let name = Column::Text(status.name().to_string());
+            let uuid = |u: &Uuid| Column::Uuid(*u.as_bytes());
+            let scope = |s: &Option<Uuid>| s.as_ref().map_or(Column::Null, uuid);
+            Some(match &status {
+                verify::Status::Valid { key, expires_at } => vec![
+                    name,
+                    uuid(&key.id),
+                    uuid(&key.user_id),
+                    scope(&key.scope_id),
+                    Column::Permissions(key.permissions.clone()),
+                    Column::Timestamp(*expires_at),
+                ],
+                verify::Status::Expired(key) | verify::Status::Disabled(key) => vec![
+                    name,
+                    uuid(&key.id),
+                    uuid(&key.user_id),
+                    scope(&key.scope_id),
+                    Column::Null,
+                    Column::Timestamp(key.expires_at),
+                ],
+                verify::Status::NotFound => vec![
+                    name,
+                    Column::Null,
+                    Column::Null,
+                    Column::Null,
+                    Column::Null,
+                    Column::Null,
+                ],
+            })
+        })
+    }
+}
+
+v1_function_info!(pg_finfo_keyhippo_verify_api_key_status);
+
+extension_sql!(
+    r#"
+CREATE TYPE keyhippo.verify_api_key_status_result AS (
+    status text, api_key_id uuid, user_id uuid, scope_id uuid, permissions text[],
+    expires_at timestamptz);
+COMMENT ON TYPE keyhippo.verify_api_key_status_result IS
+    'The row verify_api_key_status returns: VALID, NOT_FOUND, EXPIRED or DISABLED, and the key when its secret matched.';
+CREATE FUNCTION keyhippo."verify_api_key_status"("api_key" text)
+    RETURNS SETOF keyhippo.verify_api_key_status_result
+    LANGUAGE c VOLATILE PARALLEL UNSAFE ROWS 1
+    AS 'MODULE_PATHNAME', 'keyhippo_verify_api_key_status';
+COMMENT ON FUNCTION keyhippo.verify_api_key_status(text) IS
+    'Exactly one row: status VALID, NOT_FOUND, EXPIRED or DISABLED; the key''s id, owner, scope and expiry only when its secret matched, its permissions only when VALID.';
+"#,
+    name = "verify_api_key_status",
+    requires = ["bootstrap"]
+);
+
 /// Revokes a key: true when this call revoked it, false when it was already revoked. Raises
 /// P0002 for a key that does not exist or is not the caller's (admins may revoke any key).
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
@@ -108,15 +174,48 @@ fn revoke_api_key(api_key_id: Option<Uuid>) -> bool {
     or_raise(manage::revoke(api_key_id))
 }
 
-/// Replaces a key with a new one of the same owner, description, scope, claims and lifetime,
-/// and revokes the old one, atomically.
+/// Disables a key: it stops verifying, keeps its hash, and [`enable_api_key`] brings it back.
+/// True when this call disabled it, false when it was already disabled (or is revoked); P0002
+/// for a key that does not exist or is not the caller's (admins may disable any key).
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn disable_api_key(api_key_id: Option<Uuid>) -> bool {
+    let _audit = function_scope("disable_api_key");
+    or_raise(manage::set_disabled(api_key_id, true))
+}
+
+/// Enables a disabled key again: true when this call enabled it, false when it was not
+/// disabled; P0002 as for [`disable_api_key`]; 55000 for a revoked key.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn enable_api_key(api_key_id: Option<Uuid>) -> bool {
+    let _audit = function_scope("enable_api_key");
+    or_raise(manage::set_disabled(api_key_id, false))
+}
+
+/// Replaces a key with a new one of the same owner, description, scope, claims and lifetime.
+/// The old key is revoked at once, or, with a `grace_period`, keeps working until it ends.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn rotate_api_key(
     old_api_key_id: Option<Uuid>,
+    grace_period: default!(Option<Interval>, "'0'"),
 ) -> TableIterator<'static, (name!(new_api_key, String), name!(new_api_key_id, Uuid))> {
     let _audit = function_scope("rotate_api_key");
-    TableIterator::once(or_raise(manage::rotate(old_api_key_id)))
+    TableIterator::once(or_raise(manage::rotate(old_api_key_id, grace_period)))
+}
+
+/// Revokes, with the reason `leaked`, every key of `api_keys` whose secret matches a key this
+/// database holds, and tells its owner (an audit row, a NOTIFY on `keyhippo_key_leaked`, the
+/// audit webhook when configured). Returns nothing either way: it cannot be used to test keys.
+/// For anyone who found keys where they should not be, so anon may call it.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn report_leaked_keys(api_keys: Option<Array<&str>>) {
+    let _audit = function_scope("report_leaked_keys");
+    if let Some(keys) = api_keys {
+        or_raise(leaks::report(keys.len(), keys.iter()));
+    }
 }
 
 /// Replaces a key's claims (a JSON object) for its owner or an admin. Called by

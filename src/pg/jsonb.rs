@@ -193,6 +193,8 @@ pub fn new_key_audit_row(row: &NewKeyRow<'_>) -> Jsonb {
         pair(state, "is_revoked", is_revoked);
         pair(state, "claims", claims_value);
         pair(state, "revoked_at", null());
+        pair(state, "disabled_at", null());
+        pair(state, "revoked_reason", null());
         push(state, WJB_END_OBJECT, None);
         let done = push(state, WJB_END_OBJECT, None);
         Jsonb(pg_sys::Datum::from(pg_sys::JsonbValueToJsonb(done)))

@@ -39,8 +39,9 @@ struct Rels {
     /// Attribute number of key_metadata_id (rows the hash index returns are checked for it).
     secrets_key_att: i16,
     audit_log: pg_sys::Oid,
-    /// Attribute numbers of id, user_id, scope_id, last_used_at, expires_at, is_revoked.
-    metadata_atts: [i16; 6],
+    /// Attribute numbers of id, user_id, scope_id, last_used_at, expires_at, is_revoked,
+    /// disabled_at.
+    metadata_atts: [i16; 7],
     /// The highest of them (how far a metadata row is deformed).
     metadata_last_att: i16,
     /// Attribute number of key_hash.
@@ -132,6 +133,7 @@ unsafe fn rels() -> Option<Rels> {
             att(metadata, c"last_used_at"),
             att(metadata, c"expires_at"),
             att(metadata, c"is_revoked"),
+            att(metadata, c"disabled_at"),
         ];
         let prefix_att = att(metadata, c"prefix");
         let prefix_unique = relid(c"api_key_metadata_prefix_key", namespace);
@@ -286,6 +288,7 @@ struct Found {
     last_used_at: Option<i64>,
     expires_at: i64,
     is_revoked: bool,
+    is_disabled: bool,
     hash: [u8; HASH_MAX],
     hash_len: usize,
     /// Whether the stored hash was longer than [`HASH_MAX`].
@@ -378,7 +381,8 @@ unsafe fn metadata_row(
     unsafe {
         let text = pg_sys::cstring_to_text_with_len(prefix.as_ptr().cast(), prefix.len() as i32);
         let read = |slot: *mut pg_sys::TupleTableSlot| {
-            let [a_id, a_user, a_scope, a_used, a_expires, a_revoked] = rels.metadata_atts;
+            let [a_id, a_user, a_scope, a_used, a_expires, a_revoked, a_disabled] =
+                rels.metadata_atts;
             // Every column read below, deformed at once.
             slot_value(slot, rels.metadata_last_att);
             let value = |att: i16| slot_value(slot, att);
@@ -400,6 +404,7 @@ unsafe fn metadata_row(
             found.last_used_at = value(a_used).map(|d| d.value() as i64);
             found.expires_at = expires.value() as i64;
             found.is_revoked = revoked.value() != 0;
+            found.is_disabled = value(a_disabled).is_some();
             Some(true)
         };
         let key = pg_sys::Datum::from(text);
@@ -529,6 +534,7 @@ pub fn find(prefix: &str) -> Result<Option<KeyRow>, ()> {
             last_used_at: None,
             expires_at: 0,
             is_revoked: false,
+            is_disabled: false,
             hash: [0; HASH_MAX],
             hash_len: 0,
             hash_too_long: false,
@@ -553,6 +559,7 @@ pub fn find(prefix: &str) -> Result<Option<KeyRow>, ()> {
             expires_at: found.expires_at,
             last_used_at: found.last_used_at,
             is_revoked: found.is_revoked,
+            is_disabled: found.is_disabled,
         }))
     }
 }

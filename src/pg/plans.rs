@@ -61,6 +61,7 @@ pub mod types {
     pub const TEXT: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTOID);
     pub const JSONB: PgOid = PgOid::BuiltIn(BuiltinOid::JSONBOID);
     pub const TIMESTAMPTZ: PgOid = PgOid::BuiltIn(BuiltinOid::TIMESTAMPTZOID);
+    pub const INTERVAL: PgOid = PgOid::BuiltIn(BuiltinOid::INTERVALOID);
     pub const UUID_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::UUIDARRAYOID);
     pub const TIMESTAMPTZ_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::TIMESTAMPTZARRAYOID);
 }

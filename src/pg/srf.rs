@@ -20,6 +20,8 @@ pub enum Column {
     Text(String),
     /// A `text[]` of permission names.
     Permissions(Rc<Permissions>),
+    /// A timestamptz (microseconds since 2000-01-01).
+    Timestamp(i64),
     Null,
 }
 
@@ -54,6 +56,7 @@ pub unsafe fn one_row(
                     (pg_sys::Datum::from(datum), false)
                 }
                 Column::Permissions(permissions) => (permissions.array_datum(), false),
+                Column::Timestamp(micros) => (pg_sys::Datum::from(*micros), false),
                 Column::Null => (pg_sys::Datum::from(0), true),
             };
             values.push(value);

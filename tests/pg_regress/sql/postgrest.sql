@@ -5,8 +5,30 @@
 \set A '{"sub":"aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa","role":"authenticated"}'
 \set B '{"sub":"bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb","role":"authenticated"}'
 begin;
--- The one-line PostgREST set-up was done at install, because the authenticator role exists.
-select rolconfig from pg_roles where rolname = 'authenticator';
+-- CREATE EXTENSION changed no role: PostgREST's authenticator has no setting of keyhippo's.
+select r.rolname, s.setconfig
+  from pg_db_role_setting s join pg_roles r on r.oid = s.setrole
+ where r.rolname = 'authenticator';
+-- Switching the hook on sets it for this database only; off removes it again.
+select keyhippo.enable_postgrest_check();
+select s.setdatabase = (select oid from pg_database where datname = current_database()) as this_database_only,
+       s.setconfig
+  from pg_db_role_setting s join pg_roles r on r.oid = s.setrole
+ where r.rolname = 'authenticator';
+select keyhippo.enable_postgrest_check(require_api_key => true);
+select s.setconfig
+  from pg_db_role_setting s join pg_roles r on r.oid = s.setrole
+ where r.rolname = 'authenticator';
+select keyhippo.disable_postgrest_check();
+select count(*) as settings_left
+  from pg_db_role_setting s join pg_roles r on r.oid = s.setrole
+ where r.rolname = 'authenticator';
+-- Only the database owner (and superusers) may switch it.
+savepoint s;
+set local role service_role;
+select keyhippo.enable_postgrest_check();
+\echo :LAST_ERROR_SQLSTATE
+rollback to savepoint s;
 
 insert into auth.users (id, email) values
     ('aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa', 'a@example.com'),
@@ -47,12 +69,26 @@ select keyhippo.key_data() - 'id' as key_data, (keyhippo.key_data() ->> 'id') = 
 select keyhippo.authorize('manage_api_keys') as may_manage_keys, keyhippo.authorize('manage_groups') as may_manage_groups;
 rollback to savepoint req;
 
-\echo '--- anonymous request without a key: refused with 401, sees nothing'
+\echo '--- anonymous request without a key: admitted as anon (as with KeyHippo 1.2.5), sees nothing'
 savepoint req;
 select set_config('request.jwt.claims', '{"role":"anon"}', true) is not null as claims;
 set local role anon;
 select keyhippo.check_request();
+rollback to savepoint req;
+\echo '--- with keyhippo.require_api_key on, the same request is refused with 401 "missing"'
+savepoint req;
+set local keyhippo.require_api_key = on;
+select set_config('request.jwt.claims', '{"role":"anon"}', true) is not null as claims;
+set local role anon;
+select keyhippo.check_request();
 \echo :LAST_ERROR_SQLSTATE
+rollback to savepoint req;
+\echo '--- ... but a signed-in request without a key still passes'
+savepoint req;
+set local keyhippo.require_api_key = on;
+select set_config('request.jwt.claims', :'B', true) is not null as claims;
+set local role authenticated;
+select keyhippo.check_request();
 rollback to savepoint req;
 savepoint req;
 select set_config('request.jwt.claims', '{"role":"anon"}', true) is not null as claims;
@@ -62,7 +98,7 @@ select count(*) as context_rows from keyhippo.current_user_context();
 select keyhippo.key_data() is null as no_key_data;
 rollback to savepoint req;
 
-\echo '--- refused keys: wrong secret, truncated, junk, another header, empty and malformed settings'
+\echo '--- bad keys are refused as "invalid"; headers that carry no key pass (refused as "missing" when keys are required)'
 create temp table bad_headers (label text, headers text);
 insert into bad_headers values
     ('real prefix, wrong secret', json_build_object('x-api-key', left(:'key_a', 20) || repeat('A', 49))::text),
@@ -88,6 +124,12 @@ select label, pg_temp.try_request(headers) as outcome,
        (select keyhippo.key_data() is null) as no_key_data
   from bad_headers order by label;
 reset role;
+set local keyhippo.require_api_key = on;
+set local role anon;
+select label, pg_temp.try_request(headers) as outcome_when_required
+  from bad_headers order by label;
+reset role;
+reset keyhippo.require_api_key;
 
 \echo '--- signed-in requests pass the hook and see their own rows'
 savepoint req;
@@ -110,7 +152,40 @@ set local role authenticated;
 select body from public.notes order by id;
 rollback to savepoint req;
 
-\echo '--- an expired key is refused'
+\echo '--- a key in the header that is not valid is refused even on a signed-in request'
+savepoint req;
+select set_config('request.jwt.claims', :'B', true) is not null as claims,
+       set_config('request.headers', json_build_object('x-api-key', left(:'key_a', 60))::text, true) is not null as headers;
+set local role authenticated;
+select keyhippo.check_request();
+\echo :LAST_ERROR_SQLSTATE
+rollback to savepoint req;
+
+\echo '--- a disabled key is refused with "disabled"; enabled again, admitted'
+select set_config('request.jwt.claims', :'B', true) is not null as as_user_b;
+set local role authenticated;
+select keyhippo.disable_api_key(:'id_b') as disabled;
+reset role;
+savepoint req;
+select set_config('request.jwt.claims', '{"role":"anon"}', true) is not null as claims,
+       set_config('request.headers', json_build_object('x-api-key', :'key_b')::text, true) is not null as headers;
+set local role anon;
+select keyhippo.check_request();
+\echo :LAST_ERROR_SQLSTATE
+rollback to savepoint req;
+select set_config('request.jwt.claims', :'B', true) is not null as as_user_b;
+set local role authenticated;
+select keyhippo.enable_api_key(:'id_b') as enabled;
+reset role;
+savepoint req;
+select set_config('request.jwt.claims', '{"role":"anon"}', true) is not null as claims,
+       set_config('request.headers', json_build_object('x-api-key', :'key_b')::text, true) is not null as headers;
+set local role anon;
+select keyhippo.check_request();
+select body from public.notes order by id;
+rollback to savepoint req;
+
+\echo '--- an expired key is refused with "expired"'
 savepoint req;
 update keyhippo.api_key_metadata set expires_at = now() - interval '1 minute' where id = :'id_b';
 select set_config('request.jwt.claims', '{"role":"anon"}', true) is not null as claims,
