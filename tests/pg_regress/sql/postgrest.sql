@@ -23,6 +23,18 @@ select keyhippo.disable_postgrest_check();
 select count(*) as settings_left
   from pg_db_role_setting s join pg_roles r on r.oid = s.setrole
  where r.rolname = 'authenticator';
+-- Without PostgREST's login role there is nothing to set: 42704.
+savepoint s;
+alter role authenticator rename to authenticator_elsewhere;
+select keyhippo.enable_postgrest_check();
+\echo :LAST_ERROR_SQLSTATE
+rollback to savepoint s;
+-- A hook set for every database (as KeyHippo 1.2.5 did) is not this database's to remove: a
+-- warning says so.
+savepoint s;
+alter role authenticator set pgrst.db_pre_request = 'keyhippo.check_request';
+select keyhippo.disable_postgrest_check();
+rollback to savepoint s;
 -- Only the database owner (and superusers) may switch it.
 savepoint s;
 set local role service_role;
