@@ -189,9 +189,12 @@ set local role anon;
 select keyhippo.report_leaked_keys(array[repeat('x', 1025)]);
 \echo :LAST_ERROR_SQLSTATE
 rollback to s;
+-- A thousand keys of junk are accepted, and cost no table read.
+select pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_hash_idx'::regclass) as scans_before \gset
 set local role service_role;
 select keyhippo.report_leaked_keys(array_fill('junk'::text, array[1000])) as thousand_accepted;
 reset role;
+select pg_stat_get_xact_numscans('keyhippo.api_key_metadata_prefix_hash_idx'::regclass) - :scans_before as scans_for_junk;
 
 \echo '--- keyhippo.disable_unused_after: the periodic job disables keys unused that long'
 select set_config('request.jwt.claims', :'A', true) is not null as as_user_a;
