@@ -1,13 +1,18 @@
 -- In-database cost per call: a PL/pgSQL loop of n calls minus the same loop without the call,
 -- over distinct keys. Used by bench/run.sh; needs the table bench_keys(i, key).
 
-CREATE OR REPLACE FUNCTION pg_temp.cost_verify(n int) RETURNS double precision LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION pg_temp.cost_verify(n int, by_status boolean DEFAULT false)
+RETURNS double precision LANGUAGE plpgsql AS $$
 DECLARE
     keys text[] := ARRAY(SELECT key FROM bench_keys WHERE i <= n ORDER BY i);
     t0 timestamptz; t_call interval; t_empty interval; k text;
 BEGIN
     t0 := clock_timestamp();
-    FOR i IN 1..n LOOP PERFORM v.user_id FROM keyhippo.verify_api_key(keys[i]) v; END LOOP;
+    IF by_status THEN
+        FOR i IN 1..n LOOP PERFORM v.status FROM keyhippo.verify_api_key_status(keys[i]) v; END LOOP;
+    ELSE
+        FOR i IN 1..n LOOP PERFORM v.user_id FROM keyhippo.verify_api_key(keys[i]) v; END LOOP;
+    END IF;
     t_call := clock_timestamp() - t0;
     t0 := clock_timestamp();
     FOR i IN 1..n LOOP k := keys[i]; PERFORM k; END LOOP;
@@ -17,17 +22,8 @@ END $$;
 
 -- verify_api_key_status over the same keys.
 CREATE OR REPLACE FUNCTION pg_temp.cost_status(n int) RETURNS double precision LANGUAGE plpgsql AS $$
-DECLARE
-    keys text[] := ARRAY(SELECT key FROM bench_keys WHERE i <= n ORDER BY i);
-    t0 timestamptz; t_call interval; t_empty interval; k text;
 BEGIN
-    t0 := clock_timestamp();
-    FOR i IN 1..n LOOP PERFORM v.status FROM keyhippo.verify_api_key_status(keys[i]) v; END LOOP;
-    t_call := clock_timestamp() - t0;
-    t0 := clock_timestamp();
-    FOR i IN 1..n LOOP k := keys[i]; PERFORM k; END LOOP;
-    t_empty := clock_timestamp() - t0;
-    RETURN extract(epoch FROM t_call - t_empty) * 1e6 / n;
+    RETURN pg_temp.cost_verify(n, true);
 END $$;
 
 -- The same with the lookup as a prepared statement (keyhippo.verify_index_probes = off).

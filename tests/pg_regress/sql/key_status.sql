@@ -179,6 +179,28 @@ select keyhippo.report_leaked_keys(array[:'kl']) as again;
 reset role;
 select count(*) as leak_rows from keyhippo.audit_log where action = 'leaked_key';
 
+\echo '--- with the audit webhook configured, the report goes out through it too'
+-- A stand-in for pg_net that records what it would send.
+create schema net;
+create table net.sent (url text, body jsonb);
+create function net.http_post(url text, body jsonb, headers jsonb) returns bigint
+language sql as $$ insert into net.sent values (url, body); select 1::bigint $$;
+insert into keyhippo_internal.config (key, value) values ('audit_log_endpoint', 'https://hooks.example.com/keyhippo')
+    on conflict (key) do update set value = excluded.value;
+select keyhippo_internal.enable_audit_log_notify();
+select set_config('request.jwt.claims', :'B', true) is not null as as_user_b;
+set local role authenticated;
+select api_key as kw, api_key_id as idw from keyhippo.create_api_key('leaks by webhook') \gset
+reset role;
+select set_config('request.jwt.claims', '', true) = '' as cleared;
+set local role anon;
+select keyhippo.report_leaked_keys(array[:'kw']) as reported;
+reset role;
+select url, body -> 'data' -> 'leaked_key' ->> 'id' = :'idw' as names_the_key,
+       body -> 'data' -> 'leaked_key' ->> 'user_id' as owner
+  from net.sent where body ->> 'action' = 'leaked_key';
+select keyhippo_internal.disable_audit_log_notify();
+
 \echo '--- at most 1,000 keys of at most 1 kB each: 22023'
 savepoint s;
 set local role anon;
