@@ -192,32 +192,50 @@ CREATE TABLE keyhippo_impersonation.impersonation_state (
 
 -- Links to Supabase's auth.users, when this database has it ------------------------------------
 
-DO $auth$
+-- Makes keyhippo's user ids foreign keys of auth.users (deleting a user deletes their keys and
+-- role assignments) and has keyhippo_internal.user_exists check auth.users; without auth.users,
+-- user ids are taken as they come (plain Postgres + PostgREST: identities live elsewhere). Run at
+-- install, and again by an event trigger (sql/finalize.sql) when auth.users is created later:
+-- as when a dump is restored, where CREATE EXTENSION runs before auth.users exists. Returns
+-- whether the links exist now.
+CREATE FUNCTION keyhippo_internal.link_auth_users() RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $link$
 BEGIN
-    IF pg_catalog.to_regclass('auth.users') IS NOT NULL THEN
-        ALTER TABLE keyhippo.api_key_metadata
-            ADD CONSTRAINT api_key_metadata_user_id_fkey
-            FOREIGN KEY (user_id) REFERENCES auth.users (id) ON DELETE CASCADE;
-        ALTER TABLE keyhippo_rbac.user_group_roles
-            ADD CONSTRAINT user_group_roles_user_id_fkey
-            FOREIGN KEY (user_id) REFERENCES auth.users (id) ON DELETE CASCADE;
-        -- Whether a JWT's subject is a real user. Without auth.users every subject is taken as
-        -- it comes (plain Postgres + PostgREST: identities live elsewhere). PL/pgSQL rather
-        -- than SQL: it keeps its plan for the session instead of planning at every call.
+    IF pg_catalog.to_regclass('auth.users') IS NULL THEN
         EXECUTE $fn$
-            CREATE FUNCTION keyhippo_internal.user_exists(p_user_id uuid) RETURNS boolean
-            LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-            AS 'BEGIN RETURN EXISTS (SELECT 1 FROM auth.users u WHERE u.id = p_user_id); END'
-        $fn$;
-    ELSE
-        EXECUTE $fn$
-            CREATE FUNCTION keyhippo_internal.user_exists(p_user_id uuid) RETURNS boolean
+            CREATE OR REPLACE FUNCTION keyhippo_internal.user_exists(p_user_id uuid) RETURNS boolean
             LANGUAGE sql IMMUTABLE
             AS 'SELECT p_user_id IS NOT NULL'
         $fn$;
+        RETURN false;
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                    WHERE conname = 'api_key_metadata_user_id_fkey'
+                      AND conrelid = 'keyhippo.api_key_metadata'::pg_catalog.regclass) THEN
+        ALTER TABLE keyhippo.api_key_metadata
+            ADD CONSTRAINT api_key_metadata_user_id_fkey
+            FOREIGN KEY (user_id) REFERENCES auth.users (id) ON DELETE CASCADE;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                    WHERE conname = 'user_group_roles_user_id_fkey'
+                      AND conrelid = 'keyhippo_rbac.user_group_roles'::pg_catalog.regclass) THEN
+        ALTER TABLE keyhippo_rbac.user_group_roles
+            ADD CONSTRAINT user_group_roles_user_id_fkey
+            FOREIGN KEY (user_id) REFERENCES auth.users (id) ON DELETE CASCADE;
+    END IF;
+    -- Whether a JWT's subject is a real user. PL/pgSQL rather than SQL: it keeps its plan for
+    -- the session instead of planning at every call.
+    EXECUTE $fn$
+        CREATE OR REPLACE FUNCTION keyhippo_internal.user_exists(p_user_id uuid) RETURNS boolean
+        LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+        AS 'BEGIN RETURN EXISTS (SELECT 1 FROM auth.users u WHERE u.id = p_user_id); END'
+    $fn$;
+    RETURN true;
 END
-$auth$;
+$link$;
+SELECT keyhippo_internal.link_auth_users();
 
 -- pg_dump must keep the rows of these tables (they are data, not extension objects).
 SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_metadata', '');

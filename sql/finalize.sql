@@ -292,6 +292,10 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- A dump being loaded brings the user's assignments with it.
+    IF keyhippo_internal.restoring() THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO keyhippo_rbac.user_group_roles (user_id, group_id, role_id)
     SELECT NEW.id, r.group_id, r.id
       FROM keyhippo_rbac.roles r
@@ -311,6 +315,105 @@ BEGIN
     END IF;
 END
 $auth_trigger$;
+
+-- Restoring a dump ---------------------------------------------------------------------------------
+
+-- pg_dump keeps the rows of keyhippo's tables, and pg_restore loads them after CREATE EXTENSION
+-- has made the defaults again (groups, roles, permissions, the default scope, role permissions,
+-- configuration). The defaults have the same ids everywhere (initialize_keyhippo), so while a dump
+-- is loaded (keyhippo_internal.restoring()) a row whose key is already there updates it instead
+-- of failing: a changed setting or description comes back, and nothing is there twice. Outside
+-- a restore this trigger does nothing, and an INSERT of an existing key fails as usual.
+CREATE FUNCTION keyhippo_internal.merge_restored_row() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT keyhippo_internal.restoring() THEN
+        RETURN NEW;
+    END IF;
+    CASE TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME
+    WHEN 'keyhippo_rbac.groups' THEN
+        UPDATE keyhippo_rbac.groups t SET name = NEW.name, description = NEW.description
+         WHERE t.id = NEW.id;
+    WHEN 'keyhippo_rbac.roles' THEN
+        UPDATE keyhippo_rbac.roles t
+           SET name = NEW.name, description = NEW.description, group_id = NEW.group_id,
+               role_type = NEW.role_type
+         WHERE t.id = NEW.id;
+    WHEN 'keyhippo_rbac.permissions' THEN
+        UPDATE keyhippo_rbac.permissions t SET name = NEW.name, description = NEW.description
+         WHERE t.id = NEW.id;
+    WHEN 'keyhippo.scopes' THEN
+        UPDATE keyhippo.scopes t SET name = NEW.name, description = NEW.description
+         WHERE t.id = NEW.id;
+    WHEN 'keyhippo_internal.config' THEN
+        UPDATE keyhippo_internal.config t SET value = NEW.value, description = NEW.description
+         WHERE t.key = NEW.key;
+    WHEN 'keyhippo_rbac.role_permissions' THEN
+        -- Ids of this table come from a sequence, which the restored rows did not advance.
+        PERFORM pg_catalog.setval(pg_catalog.pg_get_serial_sequence('keyhippo_rbac.role_permissions', 'id'),
+                                  GREATEST(NEW.id, (SELECT max(t.id) FROM keyhippo_rbac.role_permissions t)));
+        PERFORM 1 FROM keyhippo_rbac.role_permissions t
+         WHERE t.role_id = NEW.role_id AND t.permission_id = NEW.permission_id;
+        IF NOT FOUND AND EXISTS (SELECT 1 FROM keyhippo_rbac.role_permissions t WHERE t.id = NEW.id) THEN
+            NEW.id := pg_catalog.nextval(pg_catalog.pg_get_serial_sequence('keyhippo_rbac.role_permissions', 'id'));
+            RETURN NEW;
+        END IF;
+    END CASE;
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER keyhippo_merge_restored_row BEFORE INSERT ON keyhippo_rbac.groups
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.merge_restored_row();
+CREATE TRIGGER keyhippo_merge_restored_row BEFORE INSERT ON keyhippo_rbac.roles
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.merge_restored_row();
+CREATE TRIGGER keyhippo_merge_restored_row BEFORE INSERT ON keyhippo_rbac.permissions
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.merge_restored_row();
+CREATE TRIGGER keyhippo_merge_restored_row BEFORE INSERT ON keyhippo_rbac.role_permissions
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.merge_restored_row();
+CREATE TRIGGER keyhippo_merge_restored_row BEFORE INSERT ON keyhippo.scopes
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.merge_restored_row();
+CREATE TRIGGER keyhippo_merge_restored_row BEFORE INSERT ON keyhippo_internal.config
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.merge_restored_row();
+
+-- A restore creates auth.users after CREATE EXTENSION, and its primary key after loading the
+-- data: link keyhippo to it then (foreign keys, user_exists), as the original database was.
+-- Checked at the end of every CREATE TABLE and ALTER TABLE until linked (one catalogue lookup);
+-- never makes the command fail.
+CREATE FUNCTION keyhippo_internal.link_auth_users_on_create() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                WHERE conname = 'api_key_metadata_user_id_fkey'
+                  AND conrelid = 'keyhippo.api_key_metadata'::pg_catalog.regclass)
+       OR pg_catalog.to_regclass('auth.users') IS NULL THEN
+        RETURN;
+    END IF;
+    -- Not before auth.users.id is unique: a foreign key needs that.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                     JOIN pg_catalog.pg_attribute a
+                       ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                    WHERE i.indrelid = 'auth.users'::pg_catalog.regclass AND i.indisunique
+                      AND i.indnatts = 1 AND i.indpred IS NULL AND a.attname = 'id') THEN
+        RETURN;
+    END IF;
+    PERFORM keyhippo_internal.link_auth_users();
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'keyhippo: could not link API keys to auth.users: %', SQLERRM
+        USING HINT = 'Run SELECT keyhippo_internal.link_auth_users(); as a superuser once the key owners are users of auth.users.';
+END
+$$;
+
+CREATE EVENT TRIGGER keyhippo_link_auth_users ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION keyhippo_internal.link_auth_users_on_create();
 
 -- JWT keys: a table-shaped interface --------------------------------------------------------------
 
@@ -685,26 +788,30 @@ DECLARE
     admin_role_id uuid;
     user_role_id uuid;
 BEGIN
-    INSERT INTO keyhippo_rbac.groups (name, description)
-    VALUES ('Admin Group', 'Group for administrators'),
-           ('User Group', 'Group for regular users')
+    -- The default rows have the same ids in every database (derived from their names), so
+    -- that a dump restored into a database where CREATE EXTENSION made them anew merges with
+    -- them (see keyhippo_internal.merge_restored_row).
+    INSERT INTO keyhippo_rbac.groups (id, name, description)
+    VALUES (pg_catalog.md5('keyhippo group Admin Group')::uuid, 'Admin Group', 'Group for administrators'),
+           (pg_catalog.md5('keyhippo group User Group')::uuid, 'User Group', 'Group for regular users')
     ON CONFLICT (name) DO NOTHING;
     SELECT g.id INTO admin_group_id FROM keyhippo_rbac.groups g WHERE g.name = 'Admin Group';
     SELECT g.id INTO user_group_id FROM keyhippo_rbac.groups g WHERE g.name = 'User Group';
 
-    INSERT INTO keyhippo_rbac.roles (name, description, group_id, role_type)
-    VALUES ('Admin', 'Administrator role', admin_group_id, 'admin'),
-           ('User', 'Regular user role', user_group_id, 'user')
-    ON CONFLICT (name, group_id) DO NOTHING;
+    INSERT INTO keyhippo_rbac.roles (id, name, description, group_id, role_type)
+    VALUES (pg_catalog.md5('keyhippo role Admin')::uuid, 'Admin', 'Administrator role', admin_group_id, 'admin'),
+           (pg_catalog.md5('keyhippo role User')::uuid, 'User', 'Regular user role', user_group_id, 'user')
+    ON CONFLICT DO NOTHING;
     SELECT r.id INTO admin_role_id FROM keyhippo_rbac.roles r
      WHERE r.name = 'Admin' AND r.group_id = admin_group_id;
     SELECT r.id INTO user_role_id FROM keyhippo_rbac.roles r
      WHERE r.name = 'User' AND r.group_id = user_group_id;
 
-    INSERT INTO keyhippo_rbac.permissions (name, description)
-    SELECT p, 'Permission to ' || pg_catalog.replace(p::text, '_', ' ')
+    INSERT INTO keyhippo_rbac.permissions (id, name, description)
+    SELECT pg_catalog.md5('keyhippo permission ' || p::text)::uuid, p,
+           'Permission to ' || pg_catalog.replace(p::text, '_', ' ')
       FROM pg_catalog.unnest(pg_catalog.enum_range(NULL::keyhippo.app_permission)) AS p
-    ON CONFLICT (name) DO NOTHING;
+    ON CONFLICT DO NOTHING;
 
     INSERT INTO keyhippo_rbac.role_permissions (role_id, permission_id)
     SELECT admin_role_id, p.id FROM keyhippo_rbac.permissions p
@@ -714,8 +821,8 @@ BEGIN
     SELECT user_role_id, p.id FROM keyhippo_rbac.permissions p WHERE p.name = 'manage_api_keys'
     ON CONFLICT (role_id, permission_id) DO NOTHING;
 
-    INSERT INTO keyhippo.scopes (name, description)
-    VALUES ('default', 'Default scope')
+    INSERT INTO keyhippo.scopes (id, name, description)
+    VALUES (pg_catalog.md5('keyhippo scope default')::uuid, 'default', 'Default scope')
     ON CONFLICT (name) DO NOTHING;
 
     INSERT INTO keyhippo_internal.config (key, value, description)
@@ -876,6 +983,8 @@ GRANT EXECUTE ON FUNCTION keyhippo_internal.caller_is_admin() TO anon, authentic
 GRANT EXECUTE ON FUNCTION keyhippo_internal.has_permission(text) TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.jwt_user_role() TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.header_key_status() TO anon, authenticated, service_role;
+-- The restore trigger on the RBAC tables asks it, with the writer's rights.
+GRANT EXECUTE ON FUNCTION keyhippo_internal.restoring() TO anon, authenticated, service_role;
 -- The CHECK constraints of api_key_metadata call these with the writer's rights.
 GRANT EXECUTE ON FUNCTION keyhippo_internal.description_ok(text) TO anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.claims_ok(jsonb) TO anon, authenticated, service_role;

@@ -47,6 +47,13 @@ pub mod keyhippo_internal {
         crate::audit::current_function()
     }
 
+    /// Whether this statement is loading a dump (`COPY ... FROM` with `row_security = off`):
+    /// keyhippo's triggers written in SQL then merge or skip rather than add rows.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn restoring() -> bool {
+        crate::pg::backend::restoring()
+    }
+
     /// Trigger function on every table verify reads: makes verified-key caches stale now and
     /// again once the transaction ends.
     #[pg_trigger]

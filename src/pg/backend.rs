@@ -114,6 +114,41 @@ pub fn with_setting<R>(name: &CStr, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
     }
 }
 
+/// Whether this statement is loading a dump: a `COPY ... FROM` run with `row_security = off`,
+/// which is how `pg_restore` and a plain-format `pg_dump` script load every table. keyhippo's
+/// triggers then neither audit, notify, nor assign roles (the dump already holds what they
+/// wrote), and rows that `CREATE EXTENSION` made are merged instead of duplicated. Only roles
+/// that bypass row level security can load rows this way.
+pub fn restoring() -> bool {
+    let row_security_off = with_setting(c"row_security", |v| v == Some(b"off".as_slice()));
+    if !row_security_off {
+        return false;
+    }
+    // SAFETY: debug_query_string is NULL or the NUL-terminated text of the statement the
+    // backend is running, set by the protocol loop for the whole statement; only read here.
+    let query = unsafe {
+        let text = pg_sys::debug_query_string;
+        if text.is_null() {
+            return false;
+        }
+        CStr::from_ptr(text).to_bytes()
+    };
+    let start = query
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(query.len());
+    let query = &query[start..];
+    query.len() >= 5
+        && query[..5].eq_ignore_ascii_case(b"COPY ")
+        && query.windows(6).any(|w| w.eq_ignore_ascii_case(b" FROM "))
+}
+
+/// Whether `CREATE EXTENSION` (or `ALTER EXTENSION ... UPDATE`) is running its script.
+pub fn creating_extension() -> bool {
+    // SAFETY: a backend-local flag set by the extension machinery; only read here.
+    unsafe { pg_sys::creating_extension }
+}
+
 /// The value of a setting, or None when it is unset or empty.
 pub fn setting(name: &str) -> Option<String> {
     let name = CString::new(name).ok()?;
