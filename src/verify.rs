@@ -79,12 +79,16 @@ pub fn check(api_key: Option<&str>, record_use: bool) -> Result<Status> {
         return Ok(Status::NotFound);
     };
     // Opaque keys carry their lookup prefix; JWT keys are checked (signature, alg, type) and
-    // found by their jti. Anything else is rejected without touching a table.
+    // found by their jti; keys migrated from KeyHippo 1.2.5 carry theirs too. Anything else is
+    // rejected without touching a table.
     let (prefix, token_expired) = match token::parse(api_key) {
         Ok(parsed) => (parsed.prefix.to_string(), false),
         Err(_) => match jwt_keys::lookup_prefix(api_key) {
             Some(found) => found,
-            None => return Ok(Status::NotFound),
+            None => match token::parse_legacy(api_key) {
+                Some(prefix) => (prefix.to_string(), false),
+                None => return Ok(Status::NotFound),
+            },
         },
     };
     let now = backend::transaction_start();

@@ -1,12 +1,17 @@
 //! Stored key hashes.
 //!
 //! `api_key_secrets.key_hash` holds `<algorithm>$<lowercase hex digest>`, e.g.
-//! `sha256$9f86d0…`. Naming the algorithm lets hashes made elsewhere (say, KeyHippo 1.2.5's
-//! SHA-512 hex digests, imported as `sha512$…`) live beside ours and be checked by the right
-//! function. A fast digest is the right tool here: the input is a 256-bit random secret, so there
+//! `sha256$9f86d0…`. Naming the algorithm lets hashes made elsewhere live beside ours and be
+//! checked by the right function: SHA-512 of the whole key (`sha512$…`), or KeyHippo 1.2.5's
+//! SHA-512 of the key's last 128 characters, its secret without the prefix
+//! (`keyhippo125$…`). A fast digest is the right tool here: the input is a 256-bit random secret, so there
 //! is nothing for a slow password hash to protect against.
 
 use sha2::{Digest, Sha256, Sha512};
+
+/// The algorithm name of hashes migrated from KeyHippo 1.2.5: SHA-512 of the key's secret (its
+/// last 128 characters), hex.
+pub const KEYHIPPO_125: &str = "keyhippo125";
 
 /// The algorithm new keys are hashed with.
 pub const DEFAULT_ALGORITHM: &str = "sha256";
@@ -28,6 +33,13 @@ pub fn verify_key(key: &str, stored: &str) -> bool {
     let computed = match algorithm {
         "sha256" => hex(&Sha256::digest(key.as_bytes())),
         "sha512" => hex(&Sha512::digest(key.as_bytes())),
+        KEYHIPPO_125 => {
+            let secret_len = crate::token::LEGACY_SECRET_LEN;
+            if key.len() <= secret_len || !key.is_char_boundary(key.len() - secret_len) {
+                return false;
+            }
+            hex(&Sha512::digest(&key.as_bytes()[key.len() - secret_len..]))
+        }
         _ => return false,
     };
     constant_time_eq(computed.as_bytes(), digest.as_bytes())
@@ -100,5 +112,20 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn verifies_keyhippo_125_hashes_of_the_secret_alone() {
+        let secret = "0123456789abcdef".repeat(8);
+        let key = format!("AbCdEfGhIjKlMnOpQrStUvWxYz012+/9{secret}");
+        let stored = format!("keyhippo125${}", hex(&Sha512::digest(secret.as_bytes())));
+        assert!(verify_key(&key, &stored));
+        // The same secret behind another prefix is another key's secret with this hash: 1.2.5
+        // found the row by the prefix first, and so does verify.
+        let mut wrong = key.clone();
+        wrong.pop();
+        wrong.push('0');
+        assert!(!verify_key(&wrong, &stored));
+        assert!(!verify_key(&secret[1..], &stored));
     }
 }

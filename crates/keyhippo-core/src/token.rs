@@ -113,6 +113,26 @@ pub fn parse(input: &str) -> Result<ParsedKey<'_>, FormatError> {
     })
 }
 
+/// KeyHippo 1.2.5's keys: a lookup prefix of [`LEGACY_PREFIX_LEN`] base64 characters (24
+/// random bytes) followed by [`LEGACY_SECRET_LEN`] lowercase hex digits (64 random bytes).
+pub const LEGACY_PREFIX_LEN: usize = 32;
+/// The hex secret of a KeyHippo 1.2.5 key; its SHA-512 is the stored hash.
+pub const LEGACY_SECRET_LEN: usize = 128;
+
+/// The lookup prefix of a key of KeyHippo 1.2.5's shape (keys migrated from it keep working),
+/// checked without any lookup: exactly 32 base64 characters and 128 lowercase hex digits. None
+/// for anything else.
+pub fn parse_legacy(input: &str) -> Option<&str> {
+    let bytes = input.as_bytes();
+    if bytes.len() != LEGACY_PREFIX_LEN + LEGACY_SECRET_LEN {
+        return None;
+    }
+    let (prefix, secret) = bytes.split_at(LEGACY_PREFIX_LEN);
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    let hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+    (prefix.iter().all(base64) && secret.iter().all(hex)).then(|| &input[..LEGACY_PREFIX_LEN])
+}
+
 /// Appends `n` characters drawn uniformly from the base62 alphabet. Rejection sampling (bytes
 /// >= 248 are dropped) keeps every character exactly equally likely.
 fn push_random_base62(rng: &mut OsRng, out: &mut String, n: usize) {
@@ -287,5 +307,19 @@ mod tests {
             }
             let _ = parse(&s);
         }
+    }
+
+    #[test]
+    fn legacy_keys_are_recognised_by_shape_only() {
+        let prefix = "AbCdEfGhIjKlMnOpQrStUvWxYz012+/9";
+        let secret = "0123456789abcdef".repeat(8);
+        let key = format!("{prefix}{secret}");
+        assert_eq!(parse_legacy(&key), Some(prefix));
+        // One character short, an upper-case hex digit, a character outside base64: not a key.
+        assert_eq!(parse_legacy(&key[1..]), None);
+        assert_eq!(parse_legacy(&format!("{prefix}{}F", &secret[1..])), None);
+        assert_eq!(parse_legacy(&format!("{}-{secret}", &prefix[1..])), None);
+        // keyhippo's own keys are not of that shape.
+        assert_eq!(parse_legacy(&generate().key), None);
     }
 }
