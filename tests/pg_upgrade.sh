@@ -11,11 +11,6 @@ cd "$ROOT"
 OLD=${1:-15} NEW=${2:-17}
 PORT=${UPGRADE_PORT:-55449}
 WORK="$ROOT/target/clusters/upgrade"
-passed=0 failed=0
-check() { # name expected actual
-    if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   - $1"
-    else failed=$((failed + 1)); echo "FAIL - $1: expected '$2', got '$3'"; fi
-}
 as_postgres() { runuser -u postgres -- "$@"; }
 
 for v in "$OLD" "$NEW"; do
@@ -23,6 +18,9 @@ for v in "$OLD" "$NEW"; do
         { cat "$ROOT/target/pg_upgrade-install-$v.log"; echo "pg_upgrade: 0 passed, 1 failed"; exit 1; }
 done
 BIN_OLD=$(bin/pg "$OLD") BIN_NEW=$(bin/pg "$NEW")
+# check(), as in the other suites.
+PGBIN=$BIN_NEW
+. tests/lib.sh
 # Each build's programs find their own libpq first.
 lib() { echo "$(dirname "$1")/lib"; }
 
@@ -58,8 +56,6 @@ psql_new() { LD_LIBRARY_PATH="$(lib "$BIN_NEW")" "$BIN_NEW/psql" -X -q -t -A -h 
 
 as_postgres env LD_LIBRARY_PATH="$(lib "$BIN_OLD")" "$BIN_OLD/pg_ctl" -D "$WORK/old" -l "$WORK/old.log" -w start >/dev/null ||
     { cat "$WORK/old.log"; exit 1; }
-USER_A=aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa
-as_a="DO \$\$ BEGIN PERFORM set_config('request.jwt.claims', '{\"sub\":\"$USER_A\",\"role\":\"authenticated\"}', false); END \$\$; SET ROLE authenticated;"
 psql_old -d postgres -c "CREATE DATABASE app"
 psql_old -d app -f tests/fixtures/supabase.sql -c "CREATE EXTENSION keyhippo" >/dev/null
 psql_old -d app -c "INSERT INTO auth.users (id, email) VALUES ('$USER_A', 'a@example.com')"
