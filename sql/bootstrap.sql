@@ -158,6 +158,11 @@ CREATE TABLE keyhippo.api_key_secrets (
 -- primary key is used when this index is dropped).
 CREATE INDEX api_key_secrets_key_metadata_id_hash_idx ON keyhippo.api_key_secrets
     USING hash (key_metadata_id);
+-- Keys imported from another system (import_api_key) have no lookup prefix: verify finds them
+-- by the hash of the whole key. Partial, so that it holds those alone: empty, and never
+-- written, in a database that imported none.
+CREATE UNIQUE INDEX api_key_secrets_imported_hash_idx ON keyhippo.api_key_secrets (key_hash)
+    WHERE key_hash LIKE 'imported-%';
 COMMENT ON COLUMN keyhippo.api_key_secrets.key_hash IS
     '<algorithm>$<hex digest> of the whole key, e.g. sha256$...';
 

@@ -1026,6 +1026,9 @@ GRANT EXECUTE ON FUNCTION keyhippo.revoke_api_key(uuid) TO authenticated, servic
 GRANT EXECUTE ON FUNCTION keyhippo.rotate_api_key(uuid, interval) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.disable_api_key(uuid) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.enable_api_key(uuid) TO authenticated, service_role;
+-- Importing keys from another system: service_role and admins (checked inside).
+GRANT EXECUTE ON FUNCTION keyhippo.import_api_key(uuid, text, text, text, timestamptz, text, jsonb)
+    TO authenticated, service_role;
 -- Switching PostgREST's hook changes a setting of its login role: the database owner's call.
 GRANT EXECUTE ON FUNCTION keyhippo.enable_postgrest_check(boolean) TO pg_database_owner;
 GRANT EXECUTE ON FUNCTION keyhippo.disable_postgrest_check() TO pg_database_owner;

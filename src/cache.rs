@@ -109,6 +109,12 @@ pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedK
     })
 }
 
+/// The shared change counter, when keyhippo is preloaded: it moves whenever a transaction starts
+/// or ends changing keys (or anything verify depends on).
+pub fn epoch() -> Option<u64> {
+    shmem::preloaded().then(|| EPOCH.get().load(Ordering::SeqCst))
+}
+
 /// A snapshot of the shared counters to take before a lookup whose result may be cached, for
 /// [`store`]; None when it may not be (caching off, a change in flight, a transaction-wide
 /// snapshot). A lookup whose result is to be cached must read with [`with_fresh_snapshot`].

@@ -184,7 +184,7 @@ fn past_last_timestamp() -> KeyhippoError {
 
 /// When a key created now with lifetime `expires_in` expires (the default lifetime when None);
 /// 22023 for a lifetime that is not positive.
-fn expiry(expires_in: Option<Interval>) -> Result<TimestampWithTimeZone> {
+pub fn expiry(expires_in: Option<Interval>) -> Result<TimestampWithTimeZone> {
     let lifetime = match expires_in {
         Some(lifetime) if lifetime.as_micros() <= 0 => return Err(not_positive()),
         Some(lifetime) => lifetime,

@@ -33,6 +33,8 @@ mod caller;
 mod expiry;
 mod fallback_use;
 mod impersonation;
+mod import;
+mod imported_keys;
 mod issue;
 mod jwt_keys;
 mod leaks;

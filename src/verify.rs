@@ -16,7 +16,7 @@ use crate::pg::backend;
 use crate::pg::elevate::as_owner;
 use crate::pg::lookup;
 use crate::pg::plans::{types, Plan};
-use crate::{cache, fallback_use, jwt_keys, permissions, settings, usage};
+use crate::{cache, fallback_use, imported_keys, jwt_keys, permissions, settings, usage};
 use keyhippo_core::{hash, token};
 
 /// What a key is, as `verify_api_key_status` reports it. Only [`Status::Valid`] admits a request.
@@ -87,7 +87,7 @@ pub fn check(api_key: Option<&str>, record_use: bool) -> Result<Status> {
             Some(found) => found,
             None => match token::parse_legacy(api_key) {
                 Some(prefix) => (prefix.to_string(), false),
-                None => return Ok(Status::NotFound),
+                None => return imported(api_key, record_use),
             },
         },
     };
@@ -131,6 +131,23 @@ pub fn check(api_key: Option<&str>, record_use: bool) -> Result<Status> {
         now,
         before,
         token_expired,
+        record_use,
+    };
+    checked.status_of(row)
+}
+
+/// A key of no shape keyhippo knows: a key imported from another system, found by the hash of
+/// the whole key (src/imported_keys.rs), or nothing. Not cached: it has no prefix to cache it under.
+fn imported(api_key: &str, record_use: bool) -> Result<Status> {
+    let Some(row) = imported_keys::find(api_key)? else {
+        return Ok(Status::NotFound);
+    };
+    let checked = Checked {
+        api_key,
+        prefix: "",
+        now: backend::transaction_start(),
+        before: None,
+        token_expired: false,
         record_use,
     };
     checked.status_of(row)

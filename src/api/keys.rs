@@ -5,7 +5,7 @@
 //! (src/pg/srf.rs says why); the others are `#[pg_extern]`. All but verify are SECURITY DEFINER
 //! with `search_path` pinned to `pg_catalog, pg_temp`.
 
-use pgrx::datum::Interval;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::{Array, JsonB, Uuid};
 
@@ -13,7 +13,7 @@ use crate::audit::function_scope;
 use crate::error::or_raise;
 use crate::pg::jsonb;
 use crate::pg::srf::{self, Column};
-use crate::{issue, leaks, manage, validate, verify};
+use crate::{import, issue, leaks, manage, validate, verify};
 
 /// Creates an API key for the current user: one row (the plaintext key, shown once, and its
 /// id). Only the key's hash is stored.
@@ -203,6 +203,31 @@ fn rotate_api_key(
 ) -> TableIterator<'static, (name!(new_api_key, String), name!(new_api_key_id, Uuid))> {
     let _audit = function_scope("rotate_api_key");
     TableIterator::once(or_raise(manage::rotate(old_api_key_id, grace_period)))
+}
+
+/// Imports a key issued by another system as its hash, so that the plaintext its holder has
+/// verifies from then on; returns the new key's id. For service_role and admins.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn import_api_key(
+    p_user_id: Option<Uuid>,
+    p_key_hash: Option<&str>,
+    p_prefix: Option<&str>,
+    p_description: Option<&str>,
+    p_expires_at: default!(Option<TimestampWithTimeZone>, "NULL"),
+    p_scope_name: default!(Option<&str>, "NULL"),
+    p_claims: default!(Option<JsonB>, "'{}'"),
+) -> Uuid {
+    let _audit = function_scope("import_api_key");
+    or_raise(import::import(import::Imported {
+        user_id: p_user_id,
+        key_hash: p_key_hash,
+        prefix: p_prefix,
+        description: p_description,
+        expires_at: p_expires_at,
+        scope_name: p_scope_name,
+        claims: p_claims,
+    }))
 }
 
 /// Revokes, with the reason `leaked`, every key of `api_keys` whose secret matches a key this

@@ -13,6 +13,16 @@ use sha2::{Digest, Sha256, Sha512};
 /// last 128 characters), hex.
 pub const KEYHIPPO_125: &str = "keyhippo125";
 
+/// The algorithm name of keys imported from another system (`import_api_key`): SHA-256 of the
+/// whole key, hex, stored under a name of its own so that an index can hold exactly these
+/// (they carry no lookup prefix and are found by their hash).
+pub const IMPORTED_SHA256: &str = "imported-sha256";
+
+/// The stored form of an imported key's hash, which verify looks an unrecognised key up by.
+pub fn imported_hash(key: &str) -> String {
+    format!("{IMPORTED_SHA256}${}", hex(&Sha256::digest(key.as_bytes())))
+}
+
 /// The algorithm new keys are hashed with.
 pub const DEFAULT_ALGORITHM: &str = "sha256";
 
@@ -31,7 +41,7 @@ pub fn verify_key(key: &str, stored: &str) -> bool {
         return false;
     };
     let computed = match algorithm {
-        "sha256" => hex(&Sha256::digest(key.as_bytes())),
+        "sha256" | IMPORTED_SHA256 => hex(&Sha256::digest(key.as_bytes())),
         "sha512" => hex(&Sha512::digest(key.as_bytes())),
         KEYHIPPO_125 => {
             let secret_len = crate::token::LEGACY_SECRET_LEN;
@@ -127,5 +137,14 @@ mod tests {
         wrong.push('0');
         assert!(!verify_key(&wrong, &stored));
         assert!(!verify_key(&secret[1..], &stored));
+    }
+
+    #[test]
+    fn imported_hashes_are_sha256_of_the_whole_key_under_their_own_name() {
+        let stored = imported_hash("sk_live_elsewhere");
+        assert!(stored.starts_with("imported-sha256$"));
+        assert!(verify_key("sk_live_elsewhere", &stored));
+        assert!(!verify_key("sk_live_elsewhere!", &stored));
+        assert_eq!(&stored["imported-".len()..], hash_key("sk_live_elsewhere"));
     }
 }
