@@ -4,9 +4,7 @@
 
 use std::cell::Cell;
 
-use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
-use pgrx::Uuid;
 
 use crate::cache;
 use crate::error::Result;
@@ -64,30 +62,5 @@ pub fn find(api_key: &str) -> Result<Option<KeyRow>> {
         return Ok(None);
     }
     let lookup = hash::imported_hash(api_key);
-    as_owner(|| {
-        Spi::connect(|client| {
-            let rows = FIND_IMPORTED.run(client, &[lookup.as_str().into()])?;
-            let Some(row) = rows.into_iter().next() else {
-                return Ok(None);
-            };
-            let (Some(id), Some(user_id), Some(expires_at), Some(is_revoked)) = (
-                row.get::<Uuid>(1)?,
-                row.get::<Uuid>(2)?,
-                row.get::<TimestampWithTimeZone>(5)?,
-                row.get::<bool>(6)?,
-            ) else {
-                return Ok(None);
-            };
-            Ok(Some(KeyRow {
-                id,
-                user_id,
-                scope_id: row.get::<Uuid>(3)?,
-                key_hash: row.get::<String>(7)?.unwrap_or_default(),
-                expires_at: expires_at.into(),
-                last_used_at: row.get::<TimestampWithTimeZone>(4)?.map(i64::from),
-                is_revoked,
-                is_disabled: row.get::<bool>(8)?.unwrap_or(false),
-            }))
-        })
-    })
+    as_owner(|| Spi::connect(|client| FIND_IMPORTED.key_row(client, &[lookup.as_str().into()])))
 }

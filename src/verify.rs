@@ -6,7 +6,6 @@
 //! is not SECURITY DEFINER: the index probes do no ACL checks, and the rare statements it runs
 //! switch to the extension owner with a pinned search_path (src/pg/elevate.rs).
 
-use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::Uuid;
 
@@ -174,32 +173,7 @@ const FIND_KEY: Plan = Plan {
 /// The key row with this prefix and its hash, through a prepared statement run as the
 /// extension's owner (api_key_secrets is readable by no client role).
 fn find_by_statement(prefix: &str) -> Result<Option<KeyRow>> {
-    as_owner(|| {
-        Spi::connect(|client| {
-            let rows = FIND_KEY.run(client, &[prefix.into()])?;
-            let Some(row) = rows.into_iter().next() else {
-                return Ok(None);
-            };
-            let (Some(id), Some(user_id), Some(expires_at), Some(is_revoked)) = (
-                row.get::<Uuid>(1)?,
-                row.get::<Uuid>(2)?,
-                row.get::<TimestampWithTimeZone>(5)?,
-                row.get::<bool>(6)?,
-            ) else {
-                return Ok(None);
-            };
-            Ok(Some(KeyRow {
-                id,
-                user_id,
-                scope_id: row.get::<Uuid>(3)?,
-                key_hash: row.get::<String>(7)?.unwrap_or_default(),
-                expires_at: expires_at.into(),
-                last_used_at: row.get::<TimestampWithTimeZone>(4)?.map(i64::from),
-                is_revoked,
-                is_disabled: row.get::<bool>(8)?.unwrap_or(false),
-            }))
-        })
-    })
+    as_owner(|| Spi::connect(|client| FIND_KEY.key_row(client, &[prefix.into()])))
 }
 
 /// One lookup's context, for judging the row it found.

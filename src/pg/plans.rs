@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::error::Result;
+use crate::model::KeyRow;
 
 thread_local! {
     static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> =
@@ -28,6 +29,40 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Runs a statement that selects a key row and its hash (id, user_id, scope_id,
+    /// last_used_at, expires_at, is_revoked, key_hash, disabled_at IS NOT NULL) and reads its
+    /// first row; None when there is none.
+    pub fn key_row(
+        &self,
+        client: &SpiClient<'_>,
+        args: &[DatumWithOid<'_>],
+    ) -> Result<Option<KeyRow>> {
+        use pgrx::datum::TimestampWithTimeZone;
+        use pgrx::Uuid;
+        let rows = self.run(client, args)?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        let (Some(id), Some(user_id), Some(expires_at), Some(is_revoked)) = (
+            row.get::<Uuid>(1)?,
+            row.get::<Uuid>(2)?,
+            row.get::<TimestampWithTimeZone>(5)?,
+            row.get::<bool>(6)?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(KeyRow {
+            id,
+            user_id,
+            scope_id: row.get::<Uuid>(3)?,
+            key_hash: row.get::<String>(7)?.unwrap_or_default(),
+            expires_at: expires_at.into(),
+            last_used_at: row.get::<TimestampWithTimeZone>(4)?.map(i64::from),
+            is_revoked,
+            is_disabled: row.get::<bool>(8)?.unwrap_or(false),
+        }))
+    }
+
     /// Runs the statement with `args`, preparing and keeping it on first use.
     pub fn run<'conn>(
         &self,
