@@ -39,7 +39,8 @@ test: deps
 test-all: deps
 	bin/test-all
 
-## What CI runs: every layer on 15 and 17; build, #[pg_test]s and pg_regress on 14, 16 and 18.
+## What CI runs: every layer on 15 and 17; build, #[pg_test]s, pg_regress and updates between
+## keyhippo versions on 14, 16 and 18.
 test-ci: deps
 	bin/test-all 15:all 17:all 14:2,3 16:2,3 18:2,3
 

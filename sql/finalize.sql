@@ -965,6 +965,14 @@ CREATE VIEW keyhippo.worker_status AS
 COMMENT ON VIEW keyhippo.worker_status IS
     'keyhippo''s background writing of last_used_at, per database: served (uses written by the workers), uses waiting, the writer connected now, the last write, uses written since the server started, the last error.';
 
+-- Versions: the library a backend runs can be newer than the extension's SQL in a database
+-- (until ALTER EXTENSION keyhippo UPDATE), never older (every upgrade script starts with
+-- require_library).
+COMMENT ON FUNCTION keyhippo_internal.library_version() IS
+    'The version of the keyhippo library this backend runs';
+COMMENT ON FUNCTION keyhippo_internal.require_library(text) IS
+    'Raises 55000 unless the keyhippo library this backend runs is the given version or newer: the first statement of every upgrade script';
+
 -- Grants ----------------------------------------------------------------------------------------
 
 -- Nothing is executable by PUBLIC unless granted below.

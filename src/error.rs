@@ -20,6 +20,8 @@ pub enum KeyhippoError {
     NotFound(String),
     /// The object exists but is in the wrong state, e.g. rotating a revoked key (55000).
     WrongState(String),
+    /// The library this server loaded is older than the SQL being installed needs (55000).
+    LibraryOutdated(String),
     /// A bug or an unexpected database condition (XX000).
     Internal(String),
 }
@@ -42,6 +44,11 @@ impl KeyhippoError {
             KeyhippoError::InvalidArgument(m) => (ERRCODE_INVALID_PARAMETER_VALUE, m, None),
             KeyhippoError::NotFound(m) => (ERRCODE_NO_DATA_FOUND, m, None),
             KeyhippoError::WrongState(m) => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, m, None),
+            KeyhippoError::LibraryOutdated(m) => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                m,
+                Some("A server keeps the keyhippo library it loaded at start (shared_preload_libraries) until it restarts: install the new version's files, restart the server, then run ALTER EXTENSION keyhippo UPDATE again."),
+            ),
             KeyhippoError::Internal(m) => (ERRCODE_INTERNAL_ERROR, m, None),
         }
     }

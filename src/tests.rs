@@ -490,4 +490,23 @@ mod tests {
         assert_eq!(row(), before);
         assert_eq!(last_used_text(a).as_deref(), Some("2030-01-01 00:00:00"));
     }
+
+    #[pg_test]
+    fn the_library_reports_the_crate_version_and_accepts_it() {
+        let loaded = Spi::get_one::<String>("SELECT keyhippo_internal.library_version()")
+            .unwrap()
+            .unwrap();
+        assert_eq!(loaded, env!("CARGO_PKG_VERSION"));
+        // Its own version and any older one pass (an older script, or the 2.0.0 baseline).
+        Spi::run(&format!(
+            "SELECT keyhippo_internal.require_library('{loaded}'), keyhippo_internal.require_library('2.0.0')"
+        ))
+        .unwrap();
+    }
+
+    // A newer version's refusal (55000) is checked through ALTER EXTENSION by tests/upgrade.sh.
+    #[pg_test(error = "keyhippo: \"2.x\" is not a version (MAJOR.MINOR.PATCH)")]
+    fn a_required_version_must_parse() {
+        Spi::run("SELECT keyhippo_internal.require_library('2.x')").unwrap();
+    }
 }

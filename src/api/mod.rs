@@ -7,3 +7,4 @@ pub mod jwt;
 pub mod keys;
 pub mod triggers;
 pub mod usage;
+pub mod version;

@@ -1,8 +1,9 @@
-//! The parts of keyhippo that need no database: the key format and checksum, and the hashing of
-//! keys for storage. The extension crate binds these to SQL; here they are tested with plain
-//! `cargo test` in milliseconds.
+//! The parts of keyhippo that need no database: the key format and checksum, the hashing of
+//! keys for storage, and the order of release versions. The extension crate binds these to SQL;
+//! here they are tested with plain `cargo test` in milliseconds.
 
 pub mod hash;
 pub mod jwt;
 pub mod token;
 pub mod uuid;
+pub mod version;
