@@ -63,6 +63,10 @@ CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo_rbac.
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
 CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo_internal.config
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
+CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.api_key_rate_limits
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
+CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.owner_rate_limits
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
 
 -- Expiring keys -------------------------------------------------------------------------------
 

@@ -195,6 +195,31 @@ CREATE TABLE keyhippo_impersonation.impersonation_state (
     impersonation_time timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
+-- Rate limits (keyhippo.set_rate_limit, keyhippo.set_owner_rate_limit): at most max_requests
+-- admissions per window of `per`, counted in shared memory (src/limits.rs); these rows are the
+-- limits themselves. One for a key, one shared by all of a user's keys.
+CREATE TABLE keyhippo.api_key_rate_limits (
+    api_key_id uuid PRIMARY KEY REFERENCES keyhippo.api_key_metadata (id) ON DELETE CASCADE,
+    max_requests integer NOT NULL CONSTRAINT api_key_rate_limits_max_requests_check CHECK (max_requests > 0),
+    per interval NOT NULL CONSTRAINT api_key_rate_limits_per_check
+        CHECK (per > interval '0' AND per <= interval '366 days' AND pg_catalog.date_part('month', per) = 0
+               AND pg_catalog.date_part('year', per) = 0),
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE keyhippo.api_key_rate_limits IS
+    'Rate limits of single keys (keyhippo.set_rate_limit): at most max_requests admitted requests per window of per';
+
+CREATE TABLE keyhippo.owner_rate_limits (
+    user_id uuid PRIMARY KEY,
+    max_requests integer NOT NULL CONSTRAINT owner_rate_limits_max_requests_check CHECK (max_requests > 0),
+    per interval NOT NULL CONSTRAINT owner_rate_limits_per_check
+        CHECK (per > interval '0' AND per <= interval '366 days' AND pg_catalog.date_part('month', per) = 0
+               AND pg_catalog.date_part('year', per) = 0),
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE keyhippo.owner_rate_limits IS
+    'Rate limits shared by all keys of one user (keyhippo.set_owner_rate_limit)';
+
 -- Links to Supabase's auth.users, when this database has it ------------------------------------
 
 -- Makes keyhippo's user ids foreign keys of auth.users (deleting a user deletes their keys and
@@ -254,3 +279,5 @@ SELECT pg_catalog.pg_extension_config_dump('keyhippo_rbac.permissions', '');
 SELECT pg_catalog.pg_extension_config_dump('keyhippo_rbac.role_permissions', '');
 SELECT pg_catalog.pg_extension_config_dump('keyhippo_rbac.user_group_roles', '');
 SELECT pg_catalog.pg_extension_config_dump('keyhippo_internal.config', '');
+SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_rate_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('keyhippo.owner_rate_limits', '');

@@ -109,12 +109,6 @@ pub fn lookup(prefix: &str, api_key: &str, now: i64) -> Option<Option<(VerifiedK
     })
 }
 
-/// The shared change counter, when keyhippo is preloaded: it moves whenever a transaction starts
-/// or ends changing keys (or anything verify depends on).
-pub fn epoch() -> Option<u64> {
-    shmem::preloaded().then(|| EPOCH.get().load(Ordering::SeqCst))
-}
-
 /// A snapshot of the shared counters to take before a lookup whose result may be cached, for
 /// [`store`]; None when it may not be (caching off, a change in flight, a transaction-wide
 /// snapshot). A lookup whose result is to be cached must read with [`with_fresh_snapshot`].
@@ -148,6 +142,17 @@ fn unchanged_since(before: Option<u64>) -> Option<u64> {
     let quiet =
         IN_FLIGHT.get().load(Ordering::SeqCst) == 0 && EPOCH.get().load(Ordering::SeqCst) == epoch;
     quiet.then_some(epoch)
+}
+
+/// The epoch under which a value read by a lookup that began at `before` may be kept by another
+/// module's cache (src/limits.rs), if nothing changed while it ran.
+pub fn stamp(before: Option<u64>) -> Option<u64> {
+    unchanged_since(before)
+}
+
+/// Whether a value kept under `epoch` (from [`stamp`]) is still current.
+pub fn current(epoch: u64) -> bool {
+    enabled() && EPOCH.get().load(Ordering::SeqCst) == epoch
 }
 
 /// Caches a lookup's result if nothing changed while it ran: the key, its expiry and its last

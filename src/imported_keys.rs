@@ -31,26 +31,29 @@ const FIND_IMPORTED: Plan = Plan {
 };
 
 thread_local! {
-    /// Whether this database held imported keys when last asked, and the shared change counter
-    /// then: asked again only after a change.
+    /// Whether this database held imported keys when last asked, and the cache epoch then
+    /// (src/cache.rs): asked again only after a change.
     static KNOWN: Cell<Option<(u64, bool)>> = const { Cell::new(None) };
 }
 
 /// Whether this database may hold imported keys: asked once per change of keys when keyhippo is
-/// preloaded (the shared change counter says when), at every call otherwise.
+/// preloaded (kept as the key cache keeps a key: only an answer no change in flight could
+/// alter, and only until the next change), at every call otherwise.
 fn may_hold_imported() -> Result<bool> {
-    let epoch = cache::epoch();
-    if let (Some(now), Some((then, known))) = (epoch, KNOWN.with(Cell::get)) {
-        if now == then {
+    if let Some((epoch, known)) = KNOWN.with(Cell::get) {
+        if cache::current(epoch) {
             return Ok(known);
         }
     }
-    let any = as_owner(|| {
-        Spi::connect(|client| Ok(ANY_IMPORTED.run(client, &[])?.first().get::<bool>(1)?))
+    let before = cache::begin_lookup();
+    let any = cache::with_fresh_snapshot(before, || {
+        as_owner(|| {
+            Spi::connect(|client| Ok(ANY_IMPORTED.run(client, &[])?.first().get::<bool>(1)?))
+        })
     })?
     .unwrap_or(false);
-    if let Some(now) = epoch {
-        KNOWN.with(|k| k.set(Some((now, any))));
+    if let Some(epoch) = cache::stamp(before) {
+        KNOWN.with(|k| k.set(Some((epoch, any))));
     }
     Ok(any)
 }

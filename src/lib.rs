@@ -38,6 +38,7 @@ mod imported_keys;
 mod issue;
 mod jwt_keys;
 mod leaks;
+mod limits;
 mod manage;
 mod permissions;
 mod request;

@@ -15,7 +15,7 @@ use crate::pg::backend;
 use crate::pg::elevate::as_owner;
 use crate::pg::lookup;
 use crate::pg::plans::{types, Plan};
-use crate::{cache, fallback_use, imported_keys, jwt_keys, permissions, settings, usage};
+use crate::{cache, fallback_use, imported_keys, jwt_keys, limits, permissions, settings, usage};
 use keyhippo_core::{hash, token};
 
 /// What a key is, as `verify_api_key_status` reports it. Only [`Status::Valid`] admits a request.
@@ -32,6 +32,8 @@ pub enum Status {
     Expired(Refused),
     /// The secret matched; the key is disabled.
     Disabled(Refused),
+    /// A valid key whose rate limit has no room left (only from [`admit`]).
+    RateLimited(Refused),
 }
 
 /// The key row of a key refused for being expired or disabled (its secret matched).
@@ -51,6 +53,7 @@ impl Status {
             Status::NotFound => "NOT_FOUND",
             Status::Expired(_) => "EXPIRED",
             Status::Disabled(_) => "DISABLED",
+            Status::RateLimited(_) => "RATE_LIMITED",
         }
     }
 
@@ -67,6 +70,25 @@ impl Status {
 /// bad input). Records the use.
 pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
     Ok(check(api_key, true)?.valid())
+}
+
+/// Verifies a key to admit a request (`verify_api_key_status`, `check_request`): as [`check`],
+/// and a valid key's request is counted against its rate limits (once per transaction), which
+/// may refuse it.
+pub fn admit(api_key: Option<&str>) -> Result<Status> {
+    let status = check(api_key, true)?;
+    let Status::Valid { key, expires_at } = status else {
+        return Ok(status);
+    };
+    Ok(match limits::admit(key.id, key.user_id)? {
+        limits::Admission::Admitted => Status::Valid { key, expires_at },
+        limits::Admission::Refused => Status::RateLimited(Refused {
+            id: key.id,
+            user_id: key.user_id,
+            scope_id: key.scope_id,
+            expires_at,
+        }),
+    })
 }
 
 /// The verify path shared by every caller: format and checksum first (no table touched for

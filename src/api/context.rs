@@ -74,14 +74,29 @@ pub mod keyhippo_internal {
     }
 
     /// The status of the key in the `x-api-key` header, as `verify_api_key_status` names it
-    /// (`VALID`, `NOT_FOUND`, `EXPIRED`, `DISABLED`); NULL when the request carries none. The
-    /// pre-request hook's test.
+    /// (`VALID`, `NOT_FOUND`, `EXPIRED`, `DISABLED`, `RATE_LIMITED`); NULL when the request
+    /// carries none. The pre-request hook's test: it counts the request against the key's rate
+    /// limits, as `verify_api_key_status` does.
     #[pg_extern(volatile, security_definer, parallel_unsafe)]
     #[search_path(pg_catalog, pg_temp)]
     fn header_key_status() -> Option<&'static str> {
         let key = crate::request::header_api_key()?;
-        let status = crate::error::or_raise(crate::verify::check(Some(&key), true));
+        let status = crate::error::or_raise(crate::verify::admit(Some(&key)));
         Some(status.name())
+    }
+
+    /// The rate limit that refused a request last in this transaction, for the 429 response of
+    /// `check_request`: `{"limit": "key" | "owner" | "server", "max_requests", "per" (seconds),
+    /// "retry_after" (seconds)}`; NULL when none did.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn rate_limit_refusal() -> Option<pgrx::JsonB> {
+        let refusal = crate::limits::last_refusal()?;
+        Some(pgrx::JsonB(serde_json::json!({
+            "limit": refusal.limit,
+            "max_requests": refusal.rate.map(|r| r.max_requests),
+            "per": refusal.rate.map(|r| r.per_us as f64 / 1_000_000.0),
+            "retry_after": refusal.retry_after,
+        })))
     }
 
     /// The app_role named by the JWT's `user_role` claim, if it names one.

@@ -101,8 +101,9 @@ COMMENT ON FUNCTION keyhippo.verify_api_key(text) IS
 );
 
 /// Why a key is or is not accepted: always one row, never an error for bad input. The key's
-/// columns are filled only when its secret matched (VALID, EXPIRED, DISABLED); permissions only
-/// for a VALID key. Costs what verify_api_key costs, and records a use of a valid key as it does.
+/// columns are filled only when its secret matched (VALID, EXPIRED, DISABLED, RATE_LIMITED);
+/// permissions only for a VALID key. Costs what verify_api_key costs, records a use of a valid
+/// key as it does, and counts the request against the key's rate limits.
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn keyhippo_verify_api_key_status(
@@ -111,7 +112,7 @@ pub extern "C-unwind" fn keyhippo_verify_api_key_status(
     // SAFETY: called by the executor through the V1 convention, as declared below.
     unsafe {
         srf::one_row(fcinfo, "verify_api_key_status", |args| {
-            let status = or_raise(verify::check(args.text(0), true));
+            let status = or_raise(verify::admit(args.text(0)));
             let name = Column::Text(status.name().to_string());
             let uuid = |u: &Uuid| Column::Uuid(*u.as_bytes());
             let scope = |s: &Option<Uuid>| s.as_ref().map_or(Column::Null, uuid);
@@ -124,7 +125,9 @@ pub extern "C-unwind" fn keyhippo_verify_api_key_status(
                     Column::Permissions(key.permissions.clone()),
                     Column::Timestamp(*expires_at),
                 ],
-                verify::Status::Expired(key) | verify::Status::Disabled(key) => vec![
+                verify::Status::Expired(key)
+                | verify::Status::Disabled(key)
+                | verify::Status::RateLimited(key) => vec![
                     name,
                     uuid(&key.id),
                     uuid(&key.user_id),
@@ -153,13 +156,13 @@ CREATE TYPE keyhippo.verify_api_key_status_result AS (
     status text, api_key_id uuid, user_id uuid, scope_id uuid, permissions text[],
     expires_at timestamptz);
 COMMENT ON TYPE keyhippo.verify_api_key_status_result IS
-    'The row verify_api_key_status returns: VALID, NOT_FOUND, EXPIRED or DISABLED, and the key when its secret matched.';
+    'The row verify_api_key_status returns: VALID, NOT_FOUND, EXPIRED, DISABLED or RATE_LIMITED, and the key when its secret matched.';
 CREATE FUNCTION keyhippo."verify_api_key_status"("api_key" text)
     RETURNS SETOF keyhippo.verify_api_key_status_result
     LANGUAGE c VOLATILE PARALLEL UNSAFE ROWS 1
     AS 'MODULE_PATHNAME', 'keyhippo_verify_api_key_status';
 COMMENT ON FUNCTION keyhippo.verify_api_key_status(text) IS
-    'Exactly one row: status VALID, NOT_FOUND, EXPIRED or DISABLED; the key''s id, owner, scope and expiry only when its secret matched, its permissions only when VALID.';
+    'Exactly one row: status VALID, NOT_FOUND, EXPIRED, DISABLED or RATE_LIMITED (the request is counted against the key''s rate limits); the key''s id, owner, scope and expiry only when its secret matched, its permissions only when VALID.';
 "#,
     name = "verify_api_key_status",
     requires = ["bootstrap"]

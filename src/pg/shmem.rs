@@ -1,7 +1,8 @@
 //! Everything keyhippo keeps in shared memory, and its set-up when the library is preloaded:
 //! the buffer of recorded key uses and the background workers' state ([`SHARED`], its
-//! [`UseSlots`]), and the two counters that keep the per-backend caches correct
-//! ([`CACHE_EPOCH`], [`CACHE_IN_FLIGHT`]; see src/cache.rs). The buffer is saved to a file when
+//! [`UseSlots`]), the two counters that keep the per-backend caches correct
+//! ([`CACHE_EPOCH`], [`CACHE_IN_FLIGHT`]; see src/cache.rs), and the rate-limit counters
+//! ([`RATE_COUNTERS`]; see src/limits.rs). The buffer is saved to a file when
 //! the postmaster shuts down cleanly and read back at the next start.
 
 use pgrx::prelude::*;
@@ -287,9 +288,21 @@ pub static CACHE_EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"keyhippo_
 pub static CACHE_IN_FLIGHT: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"keyhippo_cache_in_flight") };
 
+/// The rate-limit counters of this server (src/limits.rs; the table itself is keyhippo-core's).
+#[derive(Clone, Copy, Default)]
+pub struct RateCounters(pub keyhippo_core::ratelimit::Table);
+
+// SAFETY: plain old data (integers and byte arrays), no pointers.
+unsafe impl PGRXSharedMemory for RateCounters {}
+
+// SAFETY: set up in `setup` while the library is preloaded; used only when `preloaded()`.
+pub static RATE_COUNTERS: PgLwLock<RateCounters> =
+    unsafe { PgLwLock::new(c"keyhippo_rate_counters") };
+
 /// Sets up keyhippo's shared memory: from `_PG_init` while the library is preloaded.
 pub fn setup() {
     pg_shmem_init!(SHARED = Shared::default());
+    pg_shmem_init!(RATE_COUNTERS = RateCounters::default());
     pg_shmem_init!(CACHE_EPOCH);
     pg_shmem_init!(CACHE_IN_FLIGHT);
     super::compat::request_shmem(request_slots);

@@ -1,0 +1,242 @@
+-- keyhippo 2.0.0 -> 2.1.0: rate limits (keyhippo.set_rate_limit, keyhippo.set_owner_rate_limit),
+-- counted in shared memory by verify_api_key_status and check_request (HTTP 429); a key imported
+-- with import_api_key is seen at once by backends that had found no imported key before.
+
+-- A server still running an older library cannot run this version's SQL: restart it first.
+SELECT keyhippo_internal.require_library('2.1.0');
+
+-- Rate limits (keyhippo.set_rate_limit, keyhippo.set_owner_rate_limit): at most max_requests
+-- admissions per window of `per`, counted in shared memory (src/limits.rs); these rows are the
+-- limits themselves. One for a key, one shared by all of a user's keys.
+CREATE TABLE keyhippo.api_key_rate_limits (
+    api_key_id uuid PRIMARY KEY REFERENCES keyhippo.api_key_metadata (id) ON DELETE CASCADE,
+    max_requests integer NOT NULL CONSTRAINT api_key_rate_limits_max_requests_check CHECK (max_requests > 0),
+    per interval NOT NULL CONSTRAINT api_key_rate_limits_per_check
+        CHECK (per > interval '0' AND per <= interval '366 days' AND pg_catalog.date_part('month', per) = 0
+               AND pg_catalog.date_part('year', per) = 0),
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE keyhippo.api_key_rate_limits IS
+    'Rate limits of single keys (keyhippo.set_rate_limit): at most max_requests admitted requests per window of per';
+
+CREATE TABLE keyhippo.owner_rate_limits (
+    user_id uuid PRIMARY KEY,
+    max_requests integer NOT NULL CONSTRAINT owner_rate_limits_max_requests_check CHECK (max_requests > 0),
+    per interval NOT NULL CONSTRAINT owner_rate_limits_per_check
+        CHECK (per > interval '0' AND per <= interval '366 days' AND pg_catalog.date_part('month', per) = 0
+               AND pg_catalog.date_part('year', per) = 0),
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE keyhippo.owner_rate_limits IS
+    'Rate limits shared by all keys of one user (keyhippo.set_owner_rate_limit)';
+
+SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_rate_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('keyhippo.owner_rate_limits', '');
+
+CREATE FUNCTION keyhippo_internal."rate_limit_refusal"() RETURNS jsonb
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'rate_limit_refusal_wrapper';
+
+CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.api_key_rate_limits
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
+CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.owner_rate_limits
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
+
+-- Rate limits ----------------------------------------------------------------------------------
+
+-- Limits are set by service_role and admins (the party that issues keys to customers) and read
+-- by the keys' owners. Counting happens in shared memory (src/limits.rs); these tables only
+-- hold the limits. A change applies from the next statement in every backend (the cache
+-- triggers below).
+
+-- 22023 unless (p_max_requests, p_per) is a limit; a NULL p_max_requests (removing the limit)
+-- passes.
+CREATE FUNCTION keyhippo_internal.check_rate_limit(p_max_requests integer, p_per interval)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_max_requests IS NULL THEN
+        RETURN;
+    END IF;
+    IF p_max_requests <= 0 THEN
+        RAISE EXCEPTION 'keyhippo: p_max_requests must be positive (NULL removes the limit)'
+            USING ERRCODE = '22023';
+    END IF;
+    IF p_per IS NULL OR p_per <= interval '0' OR p_per > interval '366 days'
+       OR pg_catalog.date_part('month', p_per) <> 0 OR pg_catalog.date_part('year', p_per) <> 0 THEN
+        RAISE EXCEPTION 'keyhippo: p_per must be a positive interval of at most 366 days, without months or years'
+            USING ERRCODE = '22023', HINT = 'A month is not of fixed length: write ''30 days''.';
+    END IF;
+END
+$$;
+
+-- Sets (or, with p_max_requests NULL, removes) the rate limit of one key: at most p_max_requests
+-- admitted requests per window of p_per.
+CREATE FUNCTION keyhippo.set_rate_limit(p_api_key_id uuid, p_max_requests integer, p_per interval)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT keyhippo_internal.caller_is_admin() THEN
+        RAISE EXCEPTION 'keyhippo: permission denied: only service_role and admins set rate limits'
+            USING ERRCODE = '42501';
+    END IF;
+    IF p_api_key_id IS NULL THEN
+        RAISE EXCEPTION 'keyhippo: p_api_key_id must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    PERFORM keyhippo_internal.check_rate_limit(p_max_requests, p_per);
+    IF NOT EXISTS (SELECT 1 FROM keyhippo.api_key_metadata m WHERE m.id = p_api_key_id) THEN
+        RAISE EXCEPTION 'keyhippo: API key % does not exist', p_api_key_id USING ERRCODE = 'P0002';
+    END IF;
+    IF p_max_requests IS NULL THEN
+        DELETE FROM keyhippo.api_key_rate_limits l WHERE l.api_key_id = p_api_key_id;
+    ELSE
+        INSERT INTO keyhippo.api_key_rate_limits AS l (api_key_id, max_requests, per)
+        VALUES (p_api_key_id, p_max_requests, p_per)
+        ON CONFLICT (api_key_id) DO UPDATE
+            SET max_requests = EXCLUDED.max_requests, per = EXCLUDED.per, updated_at = pg_catalog.now()
+            WHERE (l.max_requests, l.per) IS DISTINCT FROM (EXCLUDED.max_requests, EXCLUDED.per);
+    END IF;
+END
+$$;
+
+-- The same for all keys of one user together.
+CREATE FUNCTION keyhippo.set_owner_rate_limit(p_user_id uuid, p_max_requests integer, p_per interval)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT keyhippo_internal.caller_is_admin() THEN
+        RAISE EXCEPTION 'keyhippo: permission denied: only service_role and admins set rate limits'
+            USING ERRCODE = '42501';
+    END IF;
+    IF p_user_id IS NULL THEN
+        RAISE EXCEPTION 'keyhippo: p_user_id must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    PERFORM keyhippo_internal.check_rate_limit(p_max_requests, p_per);
+    IF p_max_requests IS NULL THEN
+        DELETE FROM keyhippo.owner_rate_limits l WHERE l.user_id = p_user_id;
+        RETURN;
+    END IF;
+    IF NOT COALESCE(keyhippo_internal.user_exists(p_user_id), false) THEN
+        RAISE EXCEPTION 'keyhippo: user % does not exist', p_user_id USING ERRCODE = 'P0002';
+    END IF;
+    INSERT INTO keyhippo.owner_rate_limits AS l (user_id, max_requests, per)
+    VALUES (p_user_id, p_max_requests, p_per)
+    ON CONFLICT (user_id) DO UPDATE
+        SET max_requests = EXCLUDED.max_requests, per = EXCLUDED.per, updated_at = pg_catalog.now()
+        WHERE (l.max_requests, l.per) IS DISTINCT FROM (EXCLUDED.max_requests, EXCLUDED.per);
+END
+$$;
+
+COMMENT ON FUNCTION keyhippo.set_rate_limit(uuid, integer, interval) IS
+    'Sets the rate limit of one key (service_role, admins): at most p_max_requests requests admitted by verify_api_key_status or check_request per window of p_per; NULL p_max_requests removes it';
+COMMENT ON FUNCTION keyhippo.set_owner_rate_limit(uuid, integer, interval) IS
+    'Sets a rate limit shared by all keys of one user (service_role, admins); NULL p_max_requests removes it';
+
+ALTER TABLE keyhippo.api_key_rate_limits ENABLE ROW LEVEL SECURITY;
+ALTER TABLE keyhippo.owner_rate_limits ENABLE ROW LEVEL SECURITY;
+-- Owners read their keys' limits (api_key_metadata's own policy decides which keys they see);
+-- admins and service_role read all. Nobody writes but the functions above.
+CREATE POLICY api_key_rate_limits_read ON keyhippo.api_key_rate_limits
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT m.id FROM keyhippo.api_key_metadata m));
+CREATE POLICY api_key_rate_limits_service_role ON keyhippo.api_key_rate_limits
+    FOR SELECT TO service_role USING (true);
+CREATE POLICY owner_rate_limits_read ON keyhippo.owner_rate_limits
+    FOR SELECT TO authenticated
+    USING (user_id = (SELECT keyhippo_internal.current_user_id())
+           OR (SELECT keyhippo_internal.caller_is_admin()));
+CREATE POLICY owner_rate_limits_service_role ON keyhippo.owner_rate_limits
+    FOR SELECT TO service_role USING (true);
+GRANT SELECT ON keyhippo.api_key_rate_limits, keyhippo.owner_rate_limits TO authenticated, service_role;
+
+REVOKE ALL ON FUNCTION keyhippo_internal.check_rate_limit(integer, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION keyhippo.set_rate_limit(uuid, integer, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION keyhippo.set_owner_rate_limit(uuid, integer, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION keyhippo_internal.rate_limit_refusal() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keyhippo.set_rate_limit(uuid, integer, interval) TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.set_owner_rate_limit(uuid, integer, interval) TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.rate_limit_refusal() TO anon, authenticated, service_role;
+
+CREATE TRIGGER keyhippo_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keyhippo.api_key_rate_limits
+    FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
+CREATE TRIGGER keyhippo_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keyhippo.owner_rate_limits
+    FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
+ALTER TABLE keyhippo.api_key_rate_limits ENABLE ALWAYS TRIGGER keyhippo_cache;
+ALTER TABLE keyhippo.owner_rate_limits ENABLE ALWAYS TRIGGER keyhippo_cache;
+
+-- PostgREST's hook answers 429 for a key whose limit is used up.
+CREATE OR REPLACE FUNCTION keyhippo.check_request() RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_status text;
+    v_reason text;
+    v_refusal jsonb;
+BEGIN
+    IF NOT keyhippo_internal.jwt_api_key_active() THEN
+        v_reason := 'invalid';
+    ELSE
+        v_status := keyhippo_internal.header_key_status();
+        IF v_status = 'VALID' THEN
+            RETURN;
+        ELSIF v_status = 'RATE_LIMITED' THEN
+            v_refusal := keyhippo_internal.rate_limit_refusal();
+            RAISE SQLSTATE 'PGRST' USING
+                MESSAGE = pg_catalog.jsonb_build_object(
+                    'code', 'KH429',
+                    'message', 'rate limit exceeded',
+                    'details', CASE v_refusal->>'limit'
+                                   WHEN 'server' THEN 'the server''s rate-limit counters are full'
+                                   ELSE pg_catalog.format('%s limit: %s requests per %s seconds',
+                                                          v_refusal->>'limit', v_refusal->>'max_requests',
+                                                          pg_catalog.trim_scale((v_refusal->>'per')::numeric)) END,
+                    'hint', pg_catalog.format('Retry after %s seconds.', v_refusal->>'retry_after'))::text,
+                DETAIL = pg_catalog.jsonb_build_object(
+                    'status', 429,
+                    'headers', pg_catalog.jsonb_build_object('Retry-After', v_refusal->>'retry_after'))::text;
+        ELSIF v_status IS NOT NULL THEN
+            v_reason := CASE v_status WHEN 'EXPIRED' THEN 'expired'
+                                      WHEN 'DISABLED' THEN 'disabled'
+                                      ELSE 'invalid' END;
+        ELSIF keyhippo_internal.caller_role_name() = 'anon'
+              AND pg_catalog.current_setting('keyhippo.require_api_key', true) = 'on' THEN
+            v_reason := 'missing';
+        ELSE
+            RETURN;
+        END IF;
+    END IF;
+    RAISE SQLSTATE 'PGRST' USING
+        MESSAGE = pg_catalog.jsonb_build_object(
+            'code', 'KH401',
+            'message', CASE v_reason WHEN 'missing' THEN 'missing API key'
+                                     WHEN 'expired' THEN 'API key expired'
+                                     WHEN 'disabled' THEN 'API key disabled'
+                                     ELSE 'invalid API key' END,
+            'details', v_reason,
+            'hint', CASE v_reason WHEN 'expired' THEN 'The key has expired; use a current key.'
+                                  WHEN 'disabled' THEN 'The key is disabled; its owner can enable it again.'
+                                  ELSE 'Send a valid API key in the x-api-key header.' END)::text,
+        DETAIL = '{"status":401,"headers":{"WWW-Authenticate":"ApiKey"}}';
+END
+$$;
+
+COMMENT ON TYPE keyhippo.verify_api_key_status_result IS
+    'The row verify_api_key_status returns: VALID, NOT_FOUND, EXPIRED, DISABLED or RATE_LIMITED, and the key when its secret matched.';
+COMMENT ON FUNCTION keyhippo.verify_api_key_status(text) IS
+    'Exactly one row: status VALID, NOT_FOUND, EXPIRED, DISABLED or RATE_LIMITED (the request is counted against the key''s rate limits); the key''s id, owner, scope and expiry only when its secret matched, its permissions only when VALID.';
+
+-- A key imported from elsewhere is found by a lookup that backends skip while they know the
+-- database holds none (src/imported_keys.rs): its arrival must make that knowledge stale too.
+-- (A key made here needs nothing: no cache holds a prefix that did not exist.)
+CREATE TRIGGER keyhippo_cache_imported AFTER INSERT ON keyhippo.api_key_secrets
+    FOR EACH ROW WHEN (NEW.key_hash LIKE 'imported-%')
+    EXECUTE FUNCTION keyhippo_internal.note_key_change();
+ALTER TABLE keyhippo.api_key_secrets ENABLE ALWAYS TRIGGER keyhippo_cache_imported;
