@@ -71,3 +71,38 @@ BEGIN
     t_empty := clock_timestamp() - t0;
     RETURN extract(epoch FROM t_call - t_empty) * 1e6 / n;
 END $$;
+
+-- verify_api_key_status and check_request() over n keys from bench_keys' row lo on (the keys
+-- from BENCH_KEYS + 1 on have a rate limit, those before do not). Each key is counted against
+-- its limits once (once per transaction).
+CREATE OR REPLACE FUNCTION pg_temp.cost_status_from(lo int, n int) RETURNS double precision LANGUAGE plpgsql AS $$
+DECLARE
+    keys text[] := ARRAY(SELECT key FROM bench_keys WHERE i >= lo ORDER BY i LIMIT n);
+    t0 timestamptz; t_call interval; t_empty interval; k text;
+BEGIN
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP PERFORM v.status FROM keyhippo.verify_api_key_status(keys[i]) v; END LOOP;
+    t_call := clock_timestamp() - t0;
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP k := keys[i]; PERFORM k; END LOOP;
+    t_empty := clock_timestamp() - t0;
+    RETURN extract(epoch FROM t_call - t_empty) * 1e6 / n;
+END $$;
+
+CREATE OR REPLACE FUNCTION pg_temp.cost_check_from(lo int, n int) RETURNS double precision LANGUAGE plpgsql AS $$
+DECLARE
+    headers text[] := ARRAY(SELECT json_build_object('x-api-key', key)::text FROM bench_keys
+                             WHERE i >= lo ORDER BY i LIMIT n);
+    t0 timestamptz; t_call interval; t_empty interval;
+BEGIN
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP
+        PERFORM set_config('request.headers', headers[i], true);
+        PERFORM keyhippo.check_request();
+    END LOOP;
+    t_call := clock_timestamp() - t0;
+    t0 := clock_timestamp();
+    FOR i IN 1..n LOOP PERFORM set_config('request.headers', headers[i], true); END LOOP;
+    t_empty := clock_timestamp() - t0;
+    RETURN extract(epoch FROM t_call - t_empty) * 1e6 / n;
+END $$;

@@ -79,6 +79,13 @@ elif [ "$FRESH" != 1 ]; then
     q -c "SET session_replication_role = replica" \
       -c "UPDATE keyhippo.api_key_metadata SET last_used_at = created_at - interval '1 day'" >/dev/null
 fi
+# 10,000 more keys, each with a rate limit it never reaches (and in the same hour window for
+# the whole run: a limit of 2,000,000,000 an hour), for verify_api_key_status and
+# check_request() with and without a limit.
+LIMITED=10000
+q -c "$AS_USER" -c "INSERT INTO bench_keys SELECT i, (keyhippo.create_api_key('limited ' || i)).api_key FROM generate_series($((N + 1)), $((N + LIMITED))) i" >/dev/null
+q -c "SET session_replication_role = replica" \
+  -c "INSERT INTO keyhippo.api_key_rate_limits (api_key_id, max_requests, per) SELECT id, 2000000000, '1 hour' FROM keyhippo.api_key_metadata WHERE description LIKE 'limited %'" >/dev/null
 # VACUUM marks the pages all-visible, as autovacuum would find them later in a real database.
 q -c "CHECKPOINT" -c "VACUUM ANALYZE" -c "CHECKPOINT"
 
@@ -100,6 +107,14 @@ SELECT user_id FROM keyhippo.verify_api_key((SELECT key FROM bench_keys WHERE i 
 SQL
 cat >"$OUT/status.sql" <<SQL
 \set i random(1, $N)
+SELECT status FROM keyhippo.verify_api_key_status((SELECT key FROM bench_keys WHERE i = :i));
+SQL
+cat >"$OUT/status_limited.sql" <<SQL
+\set i random($((N + 1)), $((N + LIMITED)))
+SELECT status FROM keyhippo.verify_api_key_status((SELECT key FROM bench_keys WHERE i = :i));
+SQL
+cat >"$OUT/status_unlimited.sql" <<SQL
+\set i random(1, $LIMITED)
 SELECT status FROM keyhippo.verify_api_key_status((SELECT key FROM bench_keys WHERE i = :i));
 SQL
 echo "SELECT 1;" >"$OUT/select1.sql"
@@ -130,8 +145,8 @@ read -r upd0 hot0 av0 <<<"$(stats)"
 # Each verify run right after its floor run, and the run over the first 10,000 keys right after
 # the run over all of them: the ratios taken round by round below compare runs a few seconds
 # apart, not minutes.
-kinds="floor verify status verify_sql select1"
-[ "$N" -gt 10000 ] && kinds="floor verify status verify10k floor10k verify_sql select1 verify_cache verify10k_cache"
+kinds="floor verify status status_unlimited status_limited verify_sql select1"
+[ "$N" -gt 10000 ] && kinds="floor verify status status_unlimited status_limited verify10k floor10k verify_sql select1 verify_cache verify10k_cache"
 for r in $(seq 1 "$ROUNDS"); do
     for k in $kinds; do
         read -r tps lat <<<"$(pgb "$OUT/$k.sql")"
@@ -162,6 +177,12 @@ for r in $(seq 1 "$COST_ROUNDS"); do
     for k in verify status verify_sql create revoke authorize; do
         settle
         cost "$k" >>"$OUT/cost_$k"
+    done
+    # With and without a rate limit, one right after the other.
+    for k in "status_from(1, " "status_from($((N + 1)), " "check_from(1, " "check_from($((N + 1)), "; do
+        settle
+        name=$(echo "$k" | sed -E "s/\(1, /_unlimited/; s/\([0-9]+, /_limited/")
+        q -c "$AS_USER" -f bench/cost.sql -c "BEGIN" -c "SELECT round(pg_temp.cost_${k}10000)::numeric, 1)" -c "ROLLBACK" | tail -1 >>"$OUT/cost_$name"
     done
 done
 
@@ -213,6 +234,14 @@ echo "| rows updated by those writes (of which HOT updates) | $upd ($hot) | |"
 echo "| autovacuum runs on the key table during the rounds | $av | |"
 echo "| in-database cost, verify | $(m cost_verify) µs per call (target <= 10) | $(paste -sd' ' "$OUT/cost_verify") |"
 echo "| in-database cost, verify_api_key_status | $(m cost_status) µs per call | $(paste -sd' ' "$OUT/cost_status") |"
+echo "| \`verify_api_key_status\` on keys without a rate limit (the first $LIMITED) | $(m status_unlimited.tps) tps | $(paste -sd' ' "$OUT/status_unlimited.tps") |"
+echo "| \`verify_api_key_status\` on $LIMITED keys with a rate limit | $(m status_limited.tps) tps | $(paste -sd' ' "$OUT/status_limited.tps") |"
+paired=$(by_round status_unlimited status_limited)
+echo "| status with a limit / without, round by round | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
+paired=$(by_round floor status_limited)
+echo "| status with a limit / floor, round by round | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
+echo "| in-database cost, verify_api_key_status without / with a rate limit | $(m cost_status_from_unlimited) / $(m cost_status_from_limited) µs per call (goal: at most 3 more) | $(paste -sd' ' "$OUT/cost_status_from_unlimited") / $(paste -sd' ' "$OUT/cost_status_from_limited") |"
+echo "| in-database cost, check_request() without / with a rate limit | $(m cost_check_from_unlimited) / $(m cost_check_from_limited) µs per call | $(paste -sd' ' "$OUT/cost_check_from_unlimited") / $(paste -sd' ' "$OUT/cost_check_from_limited") |"
 echo "| in-database cost, verify with the prepared statement | $(m cost_verify_sql) µs per call | $(paste -sd' ' "$OUT/cost_verify_sql") |"
 echo "| in-database cost, create | $(m cost_create) µs per call (target <= 150) | $(paste -sd' ' "$OUT/cost_create") |"
 echo "| in-database cost, revoke | $(m cost_revoke) µs per call | $(paste -sd' ' "$OUT/cost_revoke") |"

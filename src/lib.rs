@@ -61,6 +61,7 @@ pub extern "C-unwind" fn _PG_init() {
     no_backtraces();
     settings::define();
     if pg::backend::preloading() {
+        settings::define_for_preload();
         pg::shmem::setup();
         worker::register_launcher();
     }

@@ -2,19 +2,20 @@
 //!
 //! The limits are rows of `keyhippo.api_key_rate_limits` (one key) and
 //! `keyhippo.owner_rate_limits` (all keys of a user); the counting is keyhippo-core's
-//! (`ratelimit`: fixed windows aligned to the Unix epoch) in one table per server, under a
-//! lock. Counting writes nothing to the database, so it works in READ ONLY transactions and on
-//! hot standbys (each server counts its own requests), and a restart starts every count again.
+//! (`ratelimit`: fixed windows aligned to the Unix epoch) in one table per server
+//! (`keyhippo.rate_limit_counters` counters), under a lock. Counting writes nothing to the
+//! database, so it works in READ ONLY transactions and on hot standbys (each server counts its
+//! own requests), and a restart starts every count again.
 //!
 //! A request is counted once per transaction and key: the first admission in a transaction
 //! counts, later ones in the same transaction are answered from memory. Only the calls that
 //! admit a request count (`verify_api_key_status`, `check_request`); `verify_api_key` and the
 //! other checks never do.
 //!
-//! The limits of a key are read with one statement and kept per backend while the cache epoch
+//! Each backend keeps a copy of every limit of its database while the cache epoch
 //! (src/cache.rs) does not move: the tables' triggers move it, so a changed limit applies from
-//! the next statement on. A database without any limit is remembered as such, which costs a
-//! key without limits one atomic read.
+//! the next statement on. A key's limits then cost two hash lookups, and a key without limits
+//! no more.
 
 use pgrx::{register_xact_callback, PgXactCallbackEvent, Uuid};
 use std::cell::{Cell, RefCell};
@@ -25,8 +26,8 @@ use crate::error::{KeyhippoError, Result};
 use crate::pg::backend;
 use crate::pg::elevate::as_owner;
 use crate::pg::plans::{types, Plan};
-use crate::pg::shmem::{self, RATE_COUNTERS};
-use keyhippo_core::ratelimit::{Kind, Limit, Outcome};
+use crate::pg::shmem::{self, RATE_LOCK};
+use keyhippo_core::ratelimit::{Kind, Limit, Outcome, Table};
 
 /// A limit as stored: requests per window (microseconds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +41,22 @@ pub struct Rate {
 struct KeyLimits {
     key: Option<Rate>,
     owner: Option<Rate>,
+}
+
+/// Every limit of this database, as a backend keeps them while the cache epoch does not move.
+struct AllLimits {
+    epoch: u64,
+    keys: HashMap<Uuid, Rate>,
+    owners: HashMap<Uuid, Rate>,
+}
+
+impl AllLimits {
+    fn of(&self, id: Uuid, user_id: Uuid) -> KeyLimits {
+        KeyLimits {
+            key: self.keys.get(&id).copied(),
+            owner: self.owners.get(&user_id).copied(),
+        }
+    }
 }
 
 /// Why a request was refused.
@@ -59,10 +76,8 @@ pub enum Admission {
 }
 
 thread_local! {
-    /// Limits of keys, with the cache epoch they were read under.
-    static LIMITS: RefCell<HashMap<Uuid, (KeyLimits, u64)>> = RefCell::new(HashMap::new());
-    /// The epoch under which this database was seen to hold no limit at all.
-    static NONE_HERE: Cell<Option<u64>> = const { Cell::new(None) };
+    /// Every limit of this database, while current.
+    static ALL: RefCell<Option<AllLimits>> = const { RefCell::new(None) };
     /// Keys admitted in the current transaction.
     static ADMITTED: RefCell<Vec<Uuid>> = const { RefCell::new(Vec::new()) };
     /// The last refusal in the current transaction (check_request's 429 names it).
@@ -70,9 +85,6 @@ thread_local! {
     /// Whether the end of the current transaction has been hooked to forget the above.
     static HOOKED: Cell<bool> = const { Cell::new(false) };
 }
-
-/// Entries kept per backend; emptied when it would grow past this.
-const MAX_ENTRIES: usize = 100_000;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -85,9 +97,7 @@ const TABLES_EXIST: Plan = Plan {
 
 const FIND_LIMITS: Plan = Plan {
     sql: "SELECT k.max_requests, (pg_catalog.date_part('epoch', k.per) * 1000000)::int8, \
-                 o.max_requests, (pg_catalog.date_part('epoch', o.per) * 1000000)::int8, \
-                 EXISTS (SELECT 1 FROM keyhippo.api_key_rate_limits) \
-                 OR EXISTS (SELECT 1 FROM keyhippo.owner_rate_limits) \
+                 o.max_requests, (pg_catalog.date_part('epoch', o.per) * 1000000)::int8 \
             FROM (SELECT 1) one \
             LEFT JOIN keyhippo.api_key_rate_limits k ON k.api_key_id = $1 \
             LEFT JOIN keyhippo.owner_rate_limits o ON o.user_id = $2",
@@ -95,70 +105,108 @@ const FIND_LIMITS: Plan = Plan {
     mutating: false,
 };
 
-/// Reads the limits of key `id` owned by `user_id`, and whether the database has any limit.
-fn read(id: Uuid, user_id: Uuid) -> Result<(KeyLimits, bool)> {
+const ALL_LIMITS: Plan = Plan {
+    sql: "SELECT true, api_key_id, max_requests, (pg_catalog.date_part('epoch', per) * 1000000)::int8 \
+            FROM keyhippo.api_key_rate_limits \
+          UNION ALL \
+          SELECT false, user_id, max_requests, (pg_catalog.date_part('epoch', per) * 1000000)::int8 \
+            FROM keyhippo.owner_rate_limits",
+    args: &[],
+    mutating: false,
+};
+
+/// A limit read from columns `n` (max_requests) and `n + 1` (the window in microseconds).
+fn rate(row: &pgrx::spi::SpiHeapTupleData<'_>, n: usize) -> Result<Option<Rate>> {
+    Ok(match (row.get::<i32>(n)?, row.get::<i64>(n + 1)?) {
+        (Some(max_requests), Some(per_us)) if per_us > 0 => Some(Rate {
+            max_requests,
+            per_us,
+        }),
+        _ => None,
+    })
+}
+
+/// Whether this database's SQL has rate limits: not before keyhippo 2.1.0, whose library runs
+/// on older versions' SQL until ALTER EXTENSION keyhippo UPDATE.
+fn tables_exist(client: &pgrx::spi::SpiClient<'_>) -> Result<bool> {
+    Ok(TABLES_EXIST
+        .run(client, &[])?
+        .next()
+        .and_then(|row| row.get::<bool>(1).ok().flatten())
+        .unwrap_or(false))
+}
+
+/// Reads the limits of key `id` owned by `user_id`.
+fn read_one(id: Uuid, user_id: Uuid) -> Result<KeyLimits> {
     as_owner(|| {
         pgrx::Spi::connect(|client| {
-            let exists = TABLES_EXIST
-                .run(client, &[])?
-                .next()
-                .and_then(|row| row.get::<bool>(1).ok().flatten())
-                .unwrap_or(false);
-            if !exists {
-                // The SQL of a version before rate limits: this library runs on it until
-                // ALTER EXTENSION keyhippo UPDATE.
-                return Ok((KeyLimits::default(), false));
+            if !tables_exist(client)? {
+                return Ok(KeyLimits::default());
             }
             let rows = FIND_LIMITS.run(client, &[id.into(), user_id.into()])?;
             let Some(row) = rows.into_iter().next() else {
-                return Ok((KeyLimits::default(), false));
+                return Ok(KeyLimits::default());
             };
-            let rate = |n: usize| -> Result<Option<Rate>> {
-                Ok(match (row.get::<i32>(n)?, row.get::<i64>(n + 1)?) {
-                    (Some(max_requests), Some(per_us)) if per_us > 0 => Some(Rate {
-                        max_requests,
-                        per_us,
-                    }),
-                    _ => None,
-                })
-            };
-            let limits = KeyLimits {
-                key: rate(1)?,
-                owner: rate(3)?,
-            };
-            Ok((limits, row.get::<bool>(5)?.unwrap_or(false)))
+            Ok(KeyLimits {
+                key: rate(&row, 1)?,
+                owner: rate(&row, 3)?,
+            })
         })
     })
 }
 
-/// The limits of key `id`, from this backend's cache when still current.
+/// Reads every limit of this database.
+fn read_all(epoch: u64) -> Result<AllLimits> {
+    let mut all = AllLimits {
+        epoch,
+        keys: HashMap::new(),
+        owners: HashMap::new(),
+    };
+    as_owner(|| {
+        pgrx::Spi::connect(|client| {
+            if !tables_exist(client)? {
+                return Ok(());
+            }
+            for row in ALL_LIMITS.run(client, &[])? {
+                let (Some(is_key), Some(subject), Some(rate)) =
+                    (row.get::<bool>(1)?, row.get::<Uuid>(2)?, rate(&row, 3)?)
+                else {
+                    continue;
+                };
+                if is_key {
+                    all.keys.insert(subject, rate);
+                } else {
+                    all.owners.insert(subject, rate);
+                }
+            }
+            Ok(())
+        })
+    })?;
+    Ok(all)
+}
+
+/// The limits of key `id`: from this backend's copy of every limit while it is current (read
+/// again after any change: the limit tables' triggers move the cache epoch); read for this key
+/// alone where nothing may be kept (no preloading, a hot standby, a transaction-wide snapshot,
+/// a change in flight).
 fn limits_of(id: Uuid, user_id: Uuid) -> Result<KeyLimits> {
-    if NONE_HERE.get().is_some_and(cache::current) {
-        return Ok(KeyLimits::default());
-    }
-    let cached = LIMITS.with(|l| {
-        l.borrow()
-            .get(&id)
-            .filter(|(_, epoch)| cache::current(*epoch))
-            .map(|(limits, _)| *limits)
+    let kept = ALL.with(|all| {
+        all.borrow()
+            .as_ref()
+            .filter(|all| cache::current(all.epoch))
+            .map(|all| all.of(id, user_id))
     });
-    if let Some(limits) = cached {
+    if let Some(limits) = kept {
         return Ok(limits);
     }
     let before = cache::begin_lookup();
-    let (limits, any) = cache::with_fresh_snapshot(before, || read(id, user_id))?;
-    if let Some(epoch) = cache::stamp(before) {
-        if any {
-            LIMITS.with(|l| {
-                let mut l = l.borrow_mut();
-                if l.len() >= MAX_ENTRIES {
-                    l.clear();
-                }
-                l.insert(id, (limits, epoch));
-            });
-        } else {
-            NONE_HERE.set(Some(epoch));
-        }
+    let Some(epoch) = before else {
+        return read_one(id, user_id);
+    };
+    let all = cache::with_fresh_snapshot(before, || read_all(epoch))?;
+    let limits = all.of(id, user_id);
+    if cache::stamp(before).is_some() {
+        ALL.with(|kept| *kept.borrow_mut() = Some(all));
     }
     Ok(limits)
 }
@@ -211,10 +259,11 @@ pub fn admit(id: Uuid, user_id: Uuid) -> Result<Admission> {
         }
     }
     let now = backend::clock() + POSTGRES_EPOCH_MICROS;
-    let outcome = RATE_COUNTERS
-        .exclusive()
-        .0
-        .admit(backend::database_id(), &applied, now);
+    let database = backend::database_id();
+    let outcome = {
+        let mut lock = RATE_LOCK.exclusive();
+        Table::new(shmem::rate_counters(&mut lock)).admit(database, &applied, now)
+    };
     hook_transaction_end();
     let refusal = match outcome {
         Outcome::Admitted => {

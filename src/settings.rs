@@ -49,6 +49,25 @@ pub static DISABLE_UNUSED_AFTER: GucSetting<Option<CString>> =
 pub static AUDIT_FUNCTION_NAME: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 
+/// How many rate-limit counters shared memory holds (src/limits.rs): keys and owners that can be
+/// counted at once; a counter is free again when its window ends.
+pub static RATE_LIMIT_COUNTERS: GucSetting<i32> = GucSetting::<i32>::new(65_536);
+
+/// Defines the settings that size shared memory: only while the library is preloaded (a
+/// setting read at server start cannot be defined later).
+pub fn define_for_preload() {
+    GucRegistry::define_int_guc(
+        c"keyhippo.rate_limit_counters",
+        c"Rate-limit counters in shared memory: the keys and owners whose limits can be counted at once.",
+        c"A counter is free again when its window ends; when none is free, a limited key's request is refused. Takes effect at server start.",
+        &RATE_LIMIT_COUNTERS,
+        1_024,
+        16_777_216,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+}
+
 /// Defines the settings (from `_PG_init`).
 pub fn define() {
     GucRegistry::define_int_guc(

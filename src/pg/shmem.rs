@@ -2,12 +2,13 @@
 //! the buffer of recorded key uses and the background workers' state ([`SHARED`], its
 //! [`UseSlots`]), the two counters that keep the per-backend caches correct
 //! ([`CACHE_EPOCH`], [`CACHE_IN_FLIGHT`]; see src/cache.rs), and the rate-limit counters
-//! ([`RATE_COUNTERS`]; see src/limits.rs). The buffer is saved to a file when
+//! ([`RATE_LOCK`], [`rate_counters`]; see src/limits.rs). The buffer is saved to a file when
 //! the postmaster shuts down cleanly and read back at the next start.
 
+use keyhippo_core::ratelimit::Counter;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 /// Uses held between two writes. A full buffer makes verify fall back to the synchronous path.
 pub const CAPACITY: usize = 128 * 1024;
@@ -164,8 +165,12 @@ static mut PREV_SHMEM_STARTUP: Option<unsafe extern "C-unwind" fn()> = None;
 
 /// Asks for the buffer's shared memory (from `shmem_request_hook`, or `_PG_init` on 14).
 fn request_slots() {
+    let counters = rate_counters_len() * std::mem::size_of::<Counter>();
     // SAFETY: the postmaster's shared memory set-up, single-threaded.
-    unsafe { pg_sys::RequestAddinShmemSpace(std::mem::size_of::<UseSlots>()) };
+    unsafe {
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<UseSlots>());
+        pg_sys::RequestAddinShmemSpace(counters);
+    }
 }
 
 #[pg_guard]
@@ -188,8 +193,22 @@ unsafe extern "C-unwind" fn attach_slots() {
         if !found {
             std::ptr::write_bytes(slots, 0, 1);
         }
+        let len = rate_counters_len();
+        let mut counters_found = false;
+        let counters = pg_sys::ShmemInitStruct(
+            c"keyhippo_rate_counters_table".as_ptr(),
+            len * std::mem::size_of::<Counter>(),
+            &mut counters_found,
+        )
+        .cast::<Counter>();
+        if !counters_found {
+            // All zeroes: every counter unused.
+            std::ptr::write_bytes(counters, 0, len);
+        }
         pg_sys::LWLockRelease(init_lock);
         SLOTS.store(slots, Ordering::Relaxed);
+        RATE_COUNTERS.store(counters, Ordering::Relaxed);
+        RATE_COUNTERS_LEN.store(len, Ordering::Relaxed);
         if !pg_sys::IsUnderPostmaster {
             // The postmaster: uses saved at the last clean shutdown come back; at exit, what is
             // left is saved again.
@@ -288,21 +307,44 @@ pub static CACHE_EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"keyhippo_
 pub static CACHE_IN_FLIGHT: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"keyhippo_cache_in_flight") };
 
-/// The rate-limit counters of this server (src/limits.rs; the table itself is keyhippo-core's).
+/// What the lock of the rate-limit counters (src/limits.rs) guards: nothing of its own (a byte,
+/// so that its shared memory is not empty). The counters are allocated in shared memory by
+/// [`request_slots`] / [`attach_slots`] (their number is a setting), zeroed: an empty table.
 #[derive(Clone, Copy, Default)]
-pub struct RateCounters(pub keyhippo_core::ratelimit::Table);
+pub struct RateLock {
+    _unused: u8,
+}
 
-// SAFETY: plain old data (integers and byte arrays), no pointers.
-unsafe impl PGRXSharedMemory for RateCounters {}
+// SAFETY: plain old data.
+unsafe impl PGRXSharedMemory for RateLock {}
 
 // SAFETY: set up in `setup` while the library is preloaded; used only when `preloaded()`.
-pub static RATE_COUNTERS: PgLwLock<RateCounters> =
-    unsafe { PgLwLock::new(c"keyhippo_rate_counters") };
+pub static RATE_LOCK: PgLwLock<RateLock> = unsafe { PgLwLock::new(c"keyhippo_rate_counters") };
+
+/// This process's address of the shared rate-limit counters (set in the postmaster, inherited).
+static RATE_COUNTERS: AtomicPtr<Counter> = AtomicPtr::new(std::ptr::null_mut());
+/// How many there are (set in the postmaster from the setting, inherited).
+static RATE_COUNTERS_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// The number of rate-limit counters to allocate.
+fn rate_counters_len() -> usize {
+    usize::try_from(crate::settings::RATE_LIMIT_COUNTERS.get())
+        .unwrap_or(1_024)
+        .max(1_024)
+}
+
+/// The rate-limit counters; only while holding [`RATE_LOCK`] exclusively (the guard proves it).
+pub fn rate_counters(_locked: &mut RateLock) -> &mut [Counter] {
+    let len = RATE_COUNTERS_LEN.load(Ordering::Relaxed);
+    // SAFETY: allocated at startup in every process that preloaded keyhippo (the only ones that
+    // reach here: callers check `preloaded()`), `len` counters; exclusive under the lock.
+    unsafe { std::slice::from_raw_parts_mut(RATE_COUNTERS.load(Ordering::Relaxed), len) }
+}
 
 /// Sets up keyhippo's shared memory: from `_PG_init` while the library is preloaded.
 pub fn setup() {
     pg_shmem_init!(SHARED = Shared::default());
-    pg_shmem_init!(RATE_COUNTERS = RateCounters::default());
+    pg_shmem_init!(RATE_LOCK);
     pg_shmem_init!(CACHE_EPOCH);
     pg_shmem_init!(CACHE_IN_FLIGHT);
     super::compat::request_shmem(request_slots);

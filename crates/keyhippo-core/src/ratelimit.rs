@@ -1,5 +1,5 @@
 //! Rate-limit counters: fixed windows aligned to the Unix epoch, in a table of fixed size (the
-//! extension keeps one in shared memory, under a lock).
+//! extension keeps one in shared memory, under a lock, sized by a setting).
 //!
 //! A limit of `max` requests per `per` admits at most `max` requests in every window
 //! `[k * per, (k + 1) * per)` of time since 1970-01-01 00:00 UTC; the count starts again at
@@ -11,8 +11,6 @@
 //! over by the next subject that needs one. When no slot is free within reach, the request is
 //! refused ([`Outcome::Full`]): a limited key is never admitted uncounted.
 
-/// Counters the table holds.
-pub const SLOTS: usize = 8192;
 /// Slots looked at from a subject's hash before the table counts as full for it.
 pub const MAX_PROBES: usize = 64;
 
@@ -49,9 +47,11 @@ pub enum Outcome {
     Full,
 }
 
+/// One counter. All zeroes is an unused one ([`Counter::UNUSED`]), so zeroed memory is an empty
+/// table.
 #[derive(Clone, Copy)]
 #[repr(C)]
-struct Counter {
+pub struct Counter {
     /// The end of the counted window (microseconds since the Unix epoch); 0: never used.
     window_end: i64,
     db: u32,
@@ -61,7 +61,7 @@ struct Counter {
 }
 
 impl Counter {
-    const UNUSED: Counter = Counter {
+    pub const UNUSED: Counter = Counter {
         window_end: 0,
         db: 0,
         count: 0,
@@ -70,23 +70,13 @@ impl Counter {
     };
 }
 
-/// The counters of one server.
-#[derive(Clone, Copy)]
-#[repr(C)]
-pub struct Table {
-    slots: [Counter; SLOTS],
+/// The counters of one server: a table of any size (at least one slot).
+pub struct Table<'a> {
+    slots: &'a mut [Counter],
 }
 
-impl Default for Table {
-    fn default() -> Self {
-        Table {
-            slots: [Counter::UNUSED; SLOTS],
-        }
-    }
-}
-
-/// FNV-1a over the subject.
-fn hash(db: u32, kind: Kind, id: &[u8; 16]) -> usize {
+/// FNV-1a over the subject, reduced to a slot of `len`.
+fn hash(db: u32, kind: Kind, id: &[u8; 16], len: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in db
         .to_le_bytes()
@@ -97,7 +87,7 @@ fn hash(db: u32, kind: Kind, id: &[u8; 16]) -> usize {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    (h % SLOTS as u64) as usize
+    (h % len as u64) as usize
 }
 
 /// The end of the window of length `per_us` that holds `now_us` (both in microseconds).
@@ -105,14 +95,24 @@ pub fn window_end(now_us: i64, per_us: i64) -> i64 {
     (now_us.div_euclid(per_us) + 1).saturating_mul(per_us)
 }
 
-impl Table {
+impl<'a> Table<'a> {
+    /// The table held in `slots`.
+    pub fn new(slots: &'a mut [Counter]) -> Self {
+        assert!(
+            !slots.is_empty(),
+            "a rate-limit table needs at least one slot"
+        );
+        Table { slots }
+    }
+
     /// The slot counting `limit` in database `db`, made when there is none: its count is reset
     /// when the window it counted has ended. None when the table is full within reach.
     fn slot(&mut self, db: u32, limit: &Limit, now_us: i64) -> Option<usize> {
-        let start = hash(db, limit.kind, &limit.id);
+        let len = self.slots.len();
+        let start = hash(db, limit.kind, &limit.id, len);
         let mut free = None;
-        for probe in 0..MAX_PROBES {
-            let i = (start + probe) % SLOTS;
+        for probe in 0..MAX_PROBES.min(len) {
+            let i = (start + probe) % len;
             let c = &self.slots[i];
             if c.window_end != 0 && c.db == db && c.kind == limit.kind as u8 && c.id == limit.id {
                 free = Some(i);
@@ -179,6 +179,12 @@ mod tests {
 
     const SECOND: i64 = 1_000_000;
 
+    const SLOTS: usize = 8192;
+
+    fn slots() -> Vec<Counter> {
+        vec![Counter::UNUSED; SLOTS]
+    }
+
     fn limit(kind: Kind, n: u8, max: u32, per_us: i64) -> Limit {
         Limit {
             kind,
@@ -190,7 +196,8 @@ mod tests {
 
     #[test]
     fn admits_max_per_window_then_refuses_until_the_next() {
-        let mut t = Box::<Table>::default();
+        let mut slots = slots();
+        let mut t = Table::new(&mut slots);
         let l = [limit(Kind::Key, 1, 3, 60 * SECOND)];
         let start = 28_333_333 * 60 * SECOND;
         for i in 0..3 {
@@ -208,7 +215,8 @@ mod tests {
 
     #[test]
     fn every_aligned_window_holds_at_most_max() {
-        let mut t = Box::<Table>::default();
+        let mut slots = slots();
+        let mut t = Table::new(&mut slots);
         let l = [limit(Kind::Key, 7, 5, 10 * SECOND)];
         let mut admitted = std::collections::HashMap::new();
         // A request every 0.3 s for 100 s.
@@ -223,7 +231,8 @@ mod tests {
 
     #[test]
     fn a_refusal_by_one_limit_counts_against_none() {
-        let mut t = Box::<Table>::default();
+        let mut slots = slots();
+        let mut t = Table::new(&mut slots);
         let key = limit(Kind::Key, 1, 10, 60 * SECOND);
         let owner = limit(Kind::Owner, 9, 1, 60 * SECOND);
         let now = 120 * SECOND;
@@ -244,7 +253,8 @@ mod tests {
 
     #[test]
     fn subjects_are_told_apart_by_database_kind_and_id() {
-        let mut t = Box::<Table>::default();
+        let mut slots = slots();
+        let mut t = Table::new(&mut slots);
         let now = 60 * SECOND;
         let a = limit(Kind::Key, 1, 1, 60 * SECOND);
         assert_eq!(t.admit(1, &[a], now), Outcome::Admitted);
@@ -262,7 +272,8 @@ mod tests {
 
     #[test]
     fn a_changed_window_starts_a_new_count() {
-        let mut t = Box::<Table>::default();
+        let mut slots = slots();
+        let mut t = Table::new(&mut slots);
         let now = 3_600 * SECOND + 30 * SECOND;
         assert_eq!(
             t.admit(1, &[limit(Kind::Key, 1, 1, 60 * SECOND)], now),
@@ -276,7 +287,8 @@ mod tests {
 
     #[test]
     fn a_full_table_refuses_and_ended_windows_free_their_slots() {
-        let mut t = Box::<Table>::default();
+        let mut slots = slots();
+        let mut t = Table::new(&mut slots);
         let now = 60 * SECOND;
         let mut full_at = None;
         for n in 0..(SLOTS as u32 + 1) {
@@ -297,6 +309,23 @@ mod tests {
         // A minute later every window has ended: the same subjects fit again.
         let l = limit(Kind::Key, 0xee, 1, 60 * SECOND);
         assert_eq!(t.admit(1, &[l], now + 60 * SECOND), Outcome::Admitted);
+    }
+
+    #[test]
+    fn a_small_table_holds_as_many_subjects_as_slots() {
+        let mut slots = vec![Counter::UNUSED; 4];
+        let mut t = Table::new(&mut slots);
+        let now = 60 * SECOND;
+        for n in 0..4 {
+            assert_eq!(
+                t.admit(1, &[limit(Kind::Key, n, 1, 60 * SECOND)], now),
+                Outcome::Admitted
+            );
+        }
+        assert_eq!(
+            t.admit(1, &[limit(Kind::Key, 9, 1, 60 * SECOND)], now),
+            Outcome::Full
+        );
     }
 
     #[test]

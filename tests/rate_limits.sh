@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Rate limits under real parallel connections (pgbench) on a preloaded server, and a server that
+# does not preload keyhippo:
+#   - four connections hammer one key limited to N per hour: exactly N requests are admitted;
+#   - two keys of one owner, two connections each, under an owner limit of M: exactly M;
+#   - the same through check_request() in READ ONLY transactions (PostgREST's GET requests);
+#   - without preloading, a limited key is refused with 55000 and an unlimited one is admitted.
+# Needs the extension installed into the private build (bin/install). Ends with
+# "rate_limits: N passed, N failed".
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PORT=${RATE_LIMITS_PORT:-55452}
+WORK="$ROOT/target/rate-limits-test"
+. bin/env.sh
+EXTRA_CONF="shared_preload_libraries = 'keyhippo'" bin/cluster start rate_limits "$PORT" || exit 1
+trap 'bin/cluster stop rate_limits; bin/cluster stop rate_limits_plain' EXIT
+PORT=$(bin/cluster port rate_limits)
+rm -rf "$WORK"; mkdir -p "$WORK"
+export PGPORT=$PORT
+. tests/lib.sh
+setup_kh
+q -c "INSERT INTO auth.users (id, email) VALUES ('$USER_B', 'b@example.com')"
+q -c "CREATE TABLE public.admitted (key text, at timestamptz DEFAULT clock_timestamp())" \
+  -c "GRANT INSERT, SELECT ON public.admitted TO anon"
+
+# Windows are aligned to the clock hour: start well inside one, so that the whole run falls
+# into a single window.
+left=$(q -c "SELECT (3600 - extract(epoch FROM clock_timestamp())::numeric % 3600)::int")
+[ "$left" -gt 60 ] || sleep $((left + 1))
+
+N=700
+read -r key_a id_a <<<"$(new_key 'hammered')"
+q -c "SET ROLE service_role" -c "SELECT keyhippo.set_rate_limit('$id_a', $N, '1 hour')" >/dev/null
+cat >"$WORK/status.sql" <<SQL
+SET ROLE anon;
+INSERT INTO public.admitted (key) SELECT 'a' FROM keyhippo.verify_api_key_status('$key_a') WHERE status = 'VALID';
+RESET ROLE;
+SQL
+"$PGBIN/pgbench" -n -M prepared -c 4 -j 2 -t 400 -f "$WORK/status.sql" kh >"$WORK/a.log" 2>&1
+check "four connections, 1,600 requests on a key limited to $N an hour: pgbench ran them all" \
+    "0 1600" "$(failed_transactions "$WORK/a.log") $(grep -E '^number of transactions actually processed' "$WORK/a.log" | sed -E 's/.*: ([0-9]+).*/\1/')"
+check "... exactly $N admitted" "$N" "$(q -c "SELECT count(*) FROM public.admitted WHERE key = 'a'")"
+check "... and the next request is refused" RATE_LIMITED \
+    "$(q -c "SELECT status FROM keyhippo.verify_api_key_status('$key_a')")"
+
+# One owner, two keys, two connections each: the owner's limit is shared.
+M=300
+read -r key_b1 _ <<<"$(q -c "$as_b" -c "SELECT api_key || ' ' || api_key_id FROM keyhippo.create_api_key('B one')" | tail -1)"
+read -r key_b2 _ <<<"$(q -c "$as_b" -c "SELECT api_key || ' ' || api_key_id FROM keyhippo.create_api_key('B two')" | tail -1)"
+q -c "SET ROLE service_role" -c "SELECT keyhippo.set_owner_rate_limit('$USER_B', $M, '1 hour')" >/dev/null
+for k in b1 b2; do
+    key=key_$k
+    cat >"$WORK/status_$k.sql" <<SQL
+SET ROLE anon;
+INSERT INTO public.admitted (key) SELECT '$k' FROM keyhippo.verify_api_key_status('${!key}') WHERE status = 'VALID';
+RESET ROLE;
+SQL
+done
+"$PGBIN/pgbench" -n -M prepared -c 2 -j 1 -t 300 -f "$WORK/status_b1.sql" kh >"$WORK/b1.log" 2>&1 &
+b1=$!
+"$PGBIN/pgbench" -n -M prepared -c 2 -j 1 -t 300 -f "$WORK/status_b2.sql" kh >"$WORK/b2.log" 2>&1
+wait "$b1"
+check "two keys of one owner, four connections, 1,200 requests under an owner limit of $M: exactly $M admitted" \
+    "$M" "$(q -c "SELECT count(*) FROM public.admitted WHERE key IN ('b1', 'b2')")"
+check "... by both keys" 2 "$(q -c "SELECT count(DISTINCT key) FROM public.admitted WHERE key IN ('b1', 'b2')")"
+
+# PostgREST's hook in READ ONLY transactions (GET requests), four connections.
+R=200
+read -r key_r id_r <<<"$(new_key 'through PostgREST')"
+q -c "SET ROLE service_role" -c "SELECT keyhippo.set_rate_limit('$id_r', $R, '1 hour')" >/dev/null
+q -c "CREATE FUNCTION public.get_request(p_key text) RETURNS int LANGUAGE plpgsql AS \$\$
+BEGIN
+    PERFORM set_config('request.headers', json_build_object('x-api-key', p_key)::text, true);
+    PERFORM keyhippo.check_request();
+    RETURN 200;
+EXCEPTION WHEN sqlstate 'PGRST' THEN
+    RETURN (SQLERRM::jsonb ->> 'code' = 'KH429')::int * 429;
+END \$\$" -c "CREATE TABLE public.responses (status int)" -c "GRANT INSERT ON public.responses TO anon"
+cat >"$WORK/get.sql" <<SQL
+BEGIN READ ONLY;
+SET LOCAL ROLE anon;
+SELECT public.get_request('$key_r') AS status \gset
+COMMIT;
+INSERT INTO public.responses VALUES (:status);
+SQL
+"$PGBIN/pgbench" -n -c 4 -j 2 -t 100 -f "$WORK/get.sql" kh >"$WORK/r.log" 2>&1
+check "check_request() in READ ONLY transactions, 400 requests limited to $R: $R answered 200, the rest 429" \
+    "200=$R 429=$((400 - R))" \
+    "$(q -c "SELECT string_agg(status || '=' || n, ' ' ORDER BY status) FROM (SELECT status, count(*) n FROM public.responses GROUP BY status) s")"
+
+# Without preloading: no shared memory to count in.
+bin/cluster start rate_limits_plain $((PORT + 1)) >/dev/null || exit 1
+PLAIN=$(bin/cluster port rate_limits_plain)
+PGPORT=$PLAIN setup_kh
+read -r key_p id_p <<<"$(PGPORT=$PLAIN new_key 'limited not preloaded')"
+read -r key_u _ <<<"$(PGPORT=$PLAIN new_key 'unlimited not preloaded')"
+PGPORT=$PLAIN q -c "SET ROLE service_role" -c "SELECT keyhippo.set_rate_limit('$id_p', 10, '1 hour')" >/dev/null
+out=$(PGPORT=$PLAIN q -v VERBOSITY=verbose -c "SELECT status FROM keyhippo.verify_api_key_status('$key_p')" 2>&1)
+check "not preloaded: a limited key is refused with 55000, saying why" "55000 shared_preload_libraries" \
+    "$(echo "$out" | grep -oE '^ERROR:  [0-9A-Z]{5}' | awk '{print $2}') $(echo "$out" | grep -oE 'shared_preload_libraries' | head -1)"
+check "not preloaded: an unlimited key is admitted, and verify_api_key accepts the limited one" "VALID 1" \
+    "$(PGPORT=$PLAIN q -c "SELECT (SELECT status FROM keyhippo.verify_api_key_status('$key_u')) || ' ' || (SELECT count(*) FROM keyhippo.verify_api_key('$key_p'))")"
+
+echo "rate_limits: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
