@@ -91,10 +91,13 @@ DECLARE
     v_reason text;
     v_refusal jsonb;
 BEGIN
-    IF NOT keyhippo_internal.jwt_api_key_active() THEN
-        v_reason := 'invalid';
-    ELSE
-        v_status := keyhippo_internal.header_key_status();
+    -- A JWT API key first (NULL when the JWT is none); a key in x-api-key beside a live one
+    -- must be valid too.
+    v_status := keyhippo_internal.jwt_api_key_status();
+    IF v_status IS NULL OR v_status = 'VALID' THEN
+        v_status := COALESCE(keyhippo_internal.header_key_status(), v_status);
+    END IF;
+    BEGIN
         IF v_status = 'VALID' THEN
             RETURN;
         ELSIF v_status = 'RATE_LIMITED' THEN
@@ -122,7 +125,7 @@ BEGIN
         ELSE
             RETURN;
         END IF;
-    END IF;
+    END;
     RAISE SQLSTATE 'PGRST' USING
         MESSAGE = pg_catalog.jsonb_build_object(
             'code', 'KH401',
@@ -1053,6 +1056,7 @@ GRANT EXECUTE ON FUNCTION keyhippo.report_leaked_keys(text[]) TO anon, authentic
 GRANT EXECUTE ON FUNCTION keyhippo.create_api_key(text, text, interval) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.create_jwt_api_key(text, interval, text) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.jwt_api_key_active() TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.jwt_api_key_status() TO anon, authenticated, service_role;
 GRANT SELECT, INSERT, UPDATE, DELETE ON keyhippo.jwt_api_keys TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.revoke_api_key(uuid) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.rotate_api_key(uuid, interval) TO authenticated, service_role;

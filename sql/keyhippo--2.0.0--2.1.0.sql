@@ -1,6 +1,7 @@
 -- keyhippo 2.0.0 -> 2.1.0: rate limits (keyhippo.set_rate_limit, keyhippo.set_owner_rate_limit),
--- counted in shared memory by verify_api_key_status and check_request (HTTP 429); a key imported
--- with import_api_key is seen at once by backends that had found no imported key before.
+-- counted in shared memory by verify_api_key_status and check_request (HTTP 429, also for JWT
+-- API keys); a key imported with import_api_key is seen at once by backends that had found no
+-- imported key before.
 
 -- A server still running an older library cannot run this version's SQL: restart it first.
 SELECT keyhippo_internal.require_library('2.1.0');
@@ -37,6 +38,14 @@ CREATE FUNCTION keyhippo_internal."rate_limit_refusal"() RETURNS jsonb
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'rate_limit_refusal_wrapper';
+
+CREATE FUNCTION keyhippo_internal."jwt_api_key_status"() RETURNS TEXT
+STRICT VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'jwt_api_key_status_wrapper';
+REVOKE ALL ON FUNCTION keyhippo_internal.jwt_api_key_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.jwt_api_key_status() TO anon, authenticated, service_role;
 
 CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.api_key_rate_limits
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
@@ -171,7 +180,7 @@ CREATE TRIGGER keyhippo_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON ke
 ALTER TABLE keyhippo.api_key_rate_limits ENABLE ALWAYS TRIGGER keyhippo_cache;
 ALTER TABLE keyhippo.owner_rate_limits ENABLE ALWAYS TRIGGER keyhippo_cache;
 
--- PostgREST's hook answers 429 for a key whose limit is used up.
+-- PostgREST's hook answers 429 for a key whose limit is used up, JWT API keys included.
 CREATE OR REPLACE FUNCTION keyhippo.check_request() RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -181,10 +190,13 @@ DECLARE
     v_reason text;
     v_refusal jsonb;
 BEGIN
-    IF NOT keyhippo_internal.jwt_api_key_active() THEN
-        v_reason := 'invalid';
-    ELSE
-        v_status := keyhippo_internal.header_key_status();
+    -- A JWT API key first (NULL when the JWT is none); a key in x-api-key beside a live one
+    -- must be valid too.
+    v_status := keyhippo_internal.jwt_api_key_status();
+    IF v_status IS NULL OR v_status = 'VALID' THEN
+        v_status := COALESCE(keyhippo_internal.header_key_status(), v_status);
+    END IF;
+    BEGIN
         IF v_status = 'VALID' THEN
             RETURN;
         ELSIF v_status = 'RATE_LIMITED' THEN
@@ -212,7 +224,7 @@ BEGIN
         ELSE
             RETURN;
         END IF;
-    END IF;
+    END;
     RAISE SQLSTATE 'PGRST' USING
         MESSAGE = pg_catalog.jsonb_build_object(
             'code', 'KH401',

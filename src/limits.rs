@@ -19,7 +19,7 @@
 
 use pgrx::{register_xact_callback, PgXactCallbackEvent, Uuid};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::cache;
 use crate::error::{KeyhippoError, Result};
@@ -79,7 +79,7 @@ thread_local! {
     /// Every limit of this database, while current.
     static ALL: RefCell<Option<AllLimits>> = const { RefCell::new(None) };
     /// Keys admitted in the current transaction.
-    static ADMITTED: RefCell<Vec<Uuid>> = const { RefCell::new(Vec::new()) };
+    static ADMITTED: RefCell<HashSet<Uuid>> = RefCell::new(HashSet::new());
     /// The last refusal in the current transaction (check_request's 429 names it).
     static LAST_REFUSAL: Cell<Option<Refusal>> = const { Cell::new(None) };
     /// Whether the end of the current transaction has been hooked to forget the above.
@@ -267,7 +267,7 @@ pub fn admit(id: Uuid, user_id: Uuid) -> Result<Admission> {
     hook_transaction_end();
     let refusal = match outcome {
         Outcome::Admitted => {
-            ADMITTED.with(|a| a.borrow_mut().push(id));
+            ADMITTED.with(|a| a.borrow_mut().insert(id));
             return Ok(Admission::Admitted);
         }
         Outcome::Limited {

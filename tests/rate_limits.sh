@@ -89,6 +89,26 @@ check "check_request() in READ ONLY transactions, 400 requests limited to $R: $R
     "200=$R 429=$((400 - R))" \
     "$(q -c "SELECT string_agg(status || '=' || n, ' ' ORDER BY status) FROM (SELECT status, count(*) n FROM public.responses GROUP BY status) s")"
 
+# A JWT API key that PostgREST accepted by its signature counts through check_request() too.
+q -c "ALTER DATABASE kh SET keyhippo.jwt_secret = 'a-test-secret-that-is-long-enough-32'"
+read -r token id_j <<<"$(q -c "$as_a" -c "SELECT api_key || ' ' || api_key_id FROM keyhippo.create_jwt_api_key('jwt limited')" | tail -1)"
+q -c "SET ROLE service_role" -c "SELECT keyhippo.set_rate_limit('$id_j', 2, '1 hour')" >/dev/null
+claims=$(q -c "SELECT convert_from(decode(rpad(translate(split_part('$token', '.', 2), '-_', '+/'), (ceil(length(split_part('$token', '.', 2)) / 4.0) * 4)::int, '='), 'base64'), 'UTF8')")
+q -c "CREATE FUNCTION public.jwt_request(p_claims text) RETURNS int LANGUAGE plpgsql AS \$\$
+BEGIN
+    PERFORM set_config('request.jwt.claims', p_claims, true);
+    PERFORM set_config('request.headers', '{}', true);
+    PERFORM keyhippo.check_request();
+    RETURN 200;
+EXCEPTION WHEN sqlstate 'PGRST' THEN
+    RETURN (SQLERRM::jsonb ->> 'code' = 'KH429')::int * 429;
+END \$\$"
+answers=""
+for i in 1 2 3; do
+    answers="$answers $(q -c "BEGIN READ ONLY" -c "SET LOCAL ROLE authenticated" -c "SELECT public.jwt_request('$claims')" -c "COMMIT")"
+done
+check "a JWT API key limited to 2 an hour, three requests through check_request()" "200 200 429" "$(echo $answers)"
+
 # Without preloading: no shared memory to count in.
 bin/cluster start rate_limits_plain $((PORT + 1)) >/dev/null || exit 1
 PLAIN=$(bin/cluster port rate_limits_plain)

@@ -40,4 +40,23 @@ pub mod keyhippo_internal {
     fn jwt_api_key_active() -> bool {
         !matches!(crate::error::or_raise(claims_key()), ClaimsKey::Dead)
     }
+
+    /// For the pre-request hook: NULL when request.jwt.claims is not a JWT API key; otherwise
+    /// `NOT_FOUND` when its jti is unknown, revoked or expired, else `VALID` or `RATE_LIMITED`,
+    /// the request counted against the key's rate limits (as `verify_api_key_status` does).
+    #[pg_extern(volatile, security_definer, parallel_unsafe)]
+    #[search_path(pg_catalog, pg_temp)]
+    fn jwt_api_key_status() -> Option<&'static str> {
+        use crate::error::or_raise;
+        match or_raise(claims_key()) {
+            ClaimsKey::NotAKey => None,
+            ClaimsKey::Dead => Some("NOT_FOUND"),
+            ClaimsKey::Live(key) => {
+                Some(match or_raise(crate::limits::admit(key.id, key.user_id)) {
+                    crate::limits::Admission::Admitted => "VALID",
+                    crate::limits::Admission::Refused => "RATE_LIMITED",
+                })
+            }
+        }
+    }
 }
