@@ -314,6 +314,22 @@ wait "$!"
 check "standby: a removed role, then a revocation, seen by the next verify after replay" \
     "1 manage_api_keys,manage_groups,manage_permissions,manage_roles,manage_scopes,manage_user_attributes manage_api_keys 0" \
     "$(grep -v '^$' "$ROOT/target/clusters/last_used/standby_cache.out" | tr '\n' ' ' | sed 's/ $//')"
+# 3d. Rate limits on a standby: counted in its own shared memory (nothing is written), apart
+#     from the primary's count; a limit set on the primary applies once replayed.
+left=$(q -c "SELECT (3600 - extract(epoch FROM clock_timestamp())::numeric % 3600)::int")
+[ "$left" -gt 20 ] || sleep $((left + 1))
+read -r key13 id13 <<<"$(new_key "standby limited")"
+q -c "SET ROLE service_role" -c "SELECT keyhippo.set_rate_limit('$id13', 2, '1 hour')" >/dev/null
+q -c "SELECT status FROM keyhippo.verify_api_key_status('$key13')" >/dev/null
+wait_replay
+standby_statuses=""
+for i in 1 2 3; do
+    standby_statuses="$standby_statuses $(q -p "$STANDBY_PORT" -c "SELECT status FROM keyhippo.verify_api_key_status('$key13')")"
+done
+check "standby: a key limited to 2 an hour (1 used on the primary) admits 2 there, then refuses" \
+    "VALID VALID RATE_LIMITED" "$(echo $standby_statuses)"
+check "... while the primary counts its own: 1 used, 1 left" "VALID RATE_LIMITED" \
+    "$(q -c "SELECT status FROM keyhippo.verify_api_key_status('$key13')") $(q -c "SELECT status FROM keyhippo.verify_api_key_status('$key13')")"
 check "revoked key refused on the primary right after commit" 0 \
     "$(q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" -c "RESET ROLE" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" | tail -1)"
 
