@@ -220,6 +220,22 @@ CREATE TABLE keyhippo.owner_rate_limits (
 COMMENT ON TABLE keyhippo.owner_rate_limits IS
     'Rate limits shared by all keys of one user (keyhippo.set_owner_rate_limit)';
 
+-- Verifications per key and hour, by outcome: counted in shared memory by the calls that admit
+-- a request (verify_api_key_status, check_request) and added here by the background workers
+-- (src/usage_counts.rs), which delete rows older than keyhippo.usage_retention.
+CREATE TABLE keyhippo.api_key_usage (
+    api_key_id uuid NOT NULL REFERENCES keyhippo.api_key_metadata (id) ON DELETE CASCADE,
+    hour timestamptz NOT NULL,
+    outcome text NOT NULL CONSTRAINT api_key_usage_outcome_check
+        CHECK (outcome IN ('VALID', 'RATE_LIMITED', 'USAGE_EXCEEDED', 'EXPIRED', 'DISABLED')),
+    count bigint NOT NULL CONSTRAINT api_key_usage_count_check CHECK (count > 0),
+    PRIMARY KEY (api_key_id, hour, outcome)
+);
+-- The retention delete, and questions about a period across all keys.
+CREATE INDEX api_key_usage_hour_idx ON keyhippo.api_key_usage (hour);
+COMMENT ON TABLE keyhippo.api_key_usage IS
+    'Verifications per key and hour by outcome (verify_api_key_status, check_request), written by keyhippo''s background workers; kept for keyhippo.usage_retention';
+
 -- Links to Supabase's auth.users, when this database has it ------------------------------------
 
 -- Makes keyhippo's user ids foreign keys of auth.users (deleting a user deletes their keys and
@@ -281,3 +297,4 @@ SELECT pg_catalog.pg_extension_config_dump('keyhippo_rbac.user_group_roles', '')
 SELECT pg_catalog.pg_extension_config_dump('keyhippo_internal.config', '');
 SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_rate_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('keyhippo.owner_rate_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_usage', '');

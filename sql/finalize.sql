@@ -1220,6 +1220,16 @@ GRANT EXECUTE ON FUNCTION keyhippo.set_rate_limit(uuid, integer, interval) TO au
 GRANT EXECUTE ON FUNCTION keyhippo.set_owner_rate_limit(uuid, integer, interval) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.rate_limit_refusal() TO anon, authenticated, service_role;
 
+-- Usage counts: owners read their keys' rows (api_key_metadata's policy decides which keys they
+-- see), admins and service_role all. Only keyhippo's background workers write them.
+ALTER TABLE keyhippo.api_key_usage ENABLE ROW LEVEL SECURITY;
+CREATE POLICY api_key_usage_read ON keyhippo.api_key_usage
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT m.id FROM keyhippo.api_key_metadata m));
+CREATE POLICY api_key_usage_service_role ON keyhippo.api_key_usage
+    FOR SELECT TO service_role USING (true);
+GRANT SELECT ON keyhippo.api_key_usage TO authenticated, service_role;
+
 CREATE TRIGGER keyhippo_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keyhippo.api_key_rate_limits
     FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
 CREATE TRIGGER keyhippo_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keyhippo.owner_rate_limits

@@ -1,7 +1,7 @@
 -- keyhippo 2.0.0 -> 2.1.0: rate limits (keyhippo.set_rate_limit, keyhippo.set_owner_rate_limit),
 -- counted in shared memory by verify_api_key_status and check_request (HTTP 429, also for JWT
 -- API keys); a key imported with import_api_key is seen at once by backends that had found no
--- imported key before.
+-- imported key before; verifications per key and hour in keyhippo.api_key_usage.
 
 -- A server still running an older library cannot run this version's SQL: restart it first.
 SELECT keyhippo_internal.require_library('2.1.0');
@@ -31,8 +31,25 @@ CREATE TABLE keyhippo.owner_rate_limits (
 COMMENT ON TABLE keyhippo.owner_rate_limits IS
     'Rate limits shared by all keys of one user (keyhippo.set_owner_rate_limit)';
 
+-- Verifications per key and hour, by outcome: counted in shared memory by the calls that admit
+-- a request (verify_api_key_status, check_request) and added here by the background workers
+-- (src/usage_counts.rs), which delete rows older than keyhippo.usage_retention.
+CREATE TABLE keyhippo.api_key_usage (
+    api_key_id uuid NOT NULL REFERENCES keyhippo.api_key_metadata (id) ON DELETE CASCADE,
+    hour timestamptz NOT NULL,
+    outcome text NOT NULL CONSTRAINT api_key_usage_outcome_check
+        CHECK (outcome IN ('VALID', 'RATE_LIMITED', 'USAGE_EXCEEDED', 'EXPIRED', 'DISABLED')),
+    count bigint NOT NULL CONSTRAINT api_key_usage_count_check CHECK (count > 0),
+    PRIMARY KEY (api_key_id, hour, outcome)
+);
+-- The retention delete, and questions about a period across all keys.
+CREATE INDEX api_key_usage_hour_idx ON keyhippo.api_key_usage (hour);
+COMMENT ON TABLE keyhippo.api_key_usage IS
+    'Verifications per key and hour by outcome (verify_api_key_status, check_request), written by keyhippo''s background workers; kept for keyhippo.usage_retention';
+
 SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_rate_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('keyhippo.owner_rate_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_usage', '');
 
 CREATE FUNCTION keyhippo_internal."rate_limit_refusal"() RETURNS jsonb
 STRICT VOLATILE PARALLEL UNSAFE
@@ -172,6 +189,16 @@ REVOKE ALL ON FUNCTION keyhippo_internal.rate_limit_refusal() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keyhippo.set_rate_limit(uuid, integer, interval) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo.set_owner_rate_limit(uuid, integer, interval) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.rate_limit_refusal() TO anon, authenticated, service_role;
+
+-- Usage counts: owners read their keys' rows (api_key_metadata's policy decides which keys they
+-- see), admins and service_role all. Only keyhippo's background workers write them.
+ALTER TABLE keyhippo.api_key_usage ENABLE ROW LEVEL SECURITY;
+CREATE POLICY api_key_usage_read ON keyhippo.api_key_usage
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT m.id FROM keyhippo.api_key_metadata m));
+CREATE POLICY api_key_usage_service_role ON keyhippo.api_key_usage
+    FOR SELECT TO service_role USING (true);
+GRANT SELECT ON keyhippo.api_key_usage TO authenticated, service_role;
 
 CREATE TRIGGER keyhippo_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keyhippo.api_key_rate_limits
     FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();

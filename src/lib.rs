@@ -43,6 +43,7 @@ mod manage;
 mod permissions;
 mod request;
 mod usage;
+mod usage_counts;
 mod users;
 mod validate;
 mod verify;

@@ -43,6 +43,11 @@ pub static REQUIRE_API_KEY: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static DISABLE_UNUSED_AFTER: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 
+/// `keyhippo.usage_retention`: how long the background workers keep rows of
+/// `keyhippo.api_key_usage` (an interval; default 90 days).
+pub static USAGE_RETENTION: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"90 days"));
+
 /// `keyhippo_audit.function_name`: which keyhippo function written in SQL is running, set by the
 /// `SET` clause of each (SECURITY DEFINER, owned by the superuser who created the extension).
 /// Superuser-only, so that no caller can make an audit row name a function that did not run.
@@ -135,6 +140,14 @@ pub fn define() {
         c"keyhippo.update_expiring_keys() disables API keys unused for this long (an interval; empty: never).",
         c"Uses are counted from last_used_at, or from created_at for a key never used. Uses seen only on a hot standby are not recorded: keep this off when keys are used through replicas.",
         &DISABLE_UNUSED_AFTER,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"keyhippo.usage_retention",
+        c"How long rows of keyhippo.api_key_usage (verifications per key and hour) are kept.",
+        c"An interval such as '90 days'; the background workers delete older rows when they write counts.",
+        &USAGE_RETENTION,
         GucContext::Suset,
         GucFlags::default(),
     );

@@ -15,7 +15,10 @@ use crate::pg::backend;
 use crate::pg::elevate::as_owner;
 use crate::pg::lookup;
 use crate::pg::plans::{types, Plan};
-use crate::{cache, fallback_use, imported_keys, jwt_keys, limits, permissions, settings, usage};
+use crate::{
+    cache, fallback_use, imported_keys, jwt_keys, limits, permissions, settings, usage,
+    usage_counts,
+};
 use keyhippo_core::{hash, token};
 
 /// What a key is, as `verify_api_key_status` reports it. Only [`Status::Valid`] admits a request.
@@ -74,8 +77,20 @@ pub fn verify(api_key: Option<&str>) -> Result<Option<VerifiedKey>> {
 
 /// Verifies a key to admit a request (`verify_api_key_status`, `check_request`): as [`check`],
 /// and a valid key's request is counted against its rate limits (once per transaction), which
-/// may refuse it.
+/// may refuse it. The outcome is counted for `keyhippo.api_key_usage`.
 pub fn admit(api_key: Option<&str>) -> Result<Status> {
+    let status = admission(api_key)?;
+    match &status {
+        Status::Valid { key, .. } => usage_counts::count(key.id, status.name()),
+        Status::Expired(key) | Status::Disabled(key) | Status::RateLimited(key) => {
+            usage_counts::count(key.id, status.name())
+        }
+        Status::NotFound => {}
+    }
+    Ok(status)
+}
+
+fn admission(api_key: Option<&str>) -> Result<Status> {
     let status = check(api_key, true)?;
     let Status::Valid { key, expires_at } = status else {
         return Ok(status);

@@ -1,5 +1,5 @@
-//! The background workers that write recorded key uses, in every database, with no
-//! configuration.
+//! The background workers that write recorded key uses, and the verification counts for
+//! `keyhippo.api_key_usage` (src/usage_counts.rs), in every database, with no configuration.
 //!
 //! A *launcher* (one per server, started with it, connected to no database) starts a *writer*
 //! for each database with uses waiting that has none: woken by the first use recorded in such a
@@ -34,7 +34,7 @@ use crate::pg::backend::{self, DatabaseState};
 use crate::pg::shmem::SHARED;
 use crate::pg::utility;
 use crate::settings::flush_interval_micros;
-use crate::usage;
+use crate::{usage, usage_counts};
 
 /// Writers running at once. `max_worker_processes` (8 by default) is shared with parallel
 /// query and other extensions.
@@ -91,29 +91,47 @@ pub extern "C-unwind" fn keyhippo_launcher_main(_arg: pg_sys::Datum) {
 }
 
 /// Starts a writer for each database with uses waiting that may have one now.
+/// The databases with key uses or verification counts waiting.
+fn pending_work() -> Vec<u32> {
+    let mut dbs: Vec<u32> = usage::pending_per_database()
+        .into_iter()
+        .chain(usage_counts::pending_per_database())
+        .map(|(db, _)| db)
+        .collect();
+    dbs.sort_unstable();
+    dbs.dedup();
+    dbs
+}
+
+/// Drops what waits for database `db` (dropped, a template, or this is a standby).
+fn discard(db: u32) {
+    usage::drain(db);
+    usage_counts::drain(db);
+}
+
 fn launch_writers() {
-    let pending = usage::pending_per_database();
+    let pending = pending_work();
     if pending.is_empty() {
         return;
     }
     // A hot standby cannot write: what verify recorded there is dropped.
     if backend::in_recovery() {
-        for (db, _) in &pending {
-            usage::drain(*db);
+        for &db in &pending {
+            discard(db);
         }
         return;
     }
     let states: Vec<(u32, DatabaseState)> = BackgroundWorker::transaction(|| {
         pending
             .iter()
-            .map(|&(db, _)| (db, backend::database_state(db)))
+            .map(|&db| (db, backend::database_state(db)))
             .collect()
     });
     let now = now();
     for (db, state) in states {
         if state != DatabaseState::Connectable {
             // Dropped, or a template (or closed to connections) since the uses were recorded.
-            usage::drain(db);
+            discard(db);
             if let Some(slot) = SHARED.exclusive().slot(db) {
                 if state == DatabaseState::Gone && slot.writer_pid == 0 {
                     slot.oid = 0;
@@ -209,8 +227,9 @@ pub extern "C-unwind" fn keyhippo_writer_main(arg: pg_sys::Datum) {
             break;
         }
         let uses = usage::drain(db);
-        if !uses.is_empty() {
-            if !write_batch(db, &uses) {
+        let counts = take_counts(db);
+        if !uses.is_empty() || !counts.is_empty() {
+            if !write_batch(db, &uses, &counts) {
                 break;
             }
             idle_since = now();
@@ -224,8 +243,9 @@ pub extern "C-unwind" fn keyhippo_writer_main(arg: pg_sys::Datum) {
             // Shutdown: what has been recorded until now is written first (the postmaster saves
             // whatever comes later).
             let uses = usage::drain(db);
-            if !uses.is_empty() {
-                write_batch(db, &uses);
+            let counts = take_counts(db);
+            if !uses.is_empty() || !counts.is_empty() {
+                write_batch(db, &uses, &counts);
             }
             break;
         }
@@ -241,17 +261,26 @@ pub extern "C-unwind" fn keyhippo_writer_main(arg: pg_sys::Datum) {
 /// Whether a database other than `db` has uses waiting and no writer (so that a writer that has
 /// run its time leaves its slot to it).
 fn others_waiting(db: u32) -> bool {
-    let waiting = usage::pending_per_database();
+    let waiting = pending_work();
     let mut shared = SHARED.exclusive();
     waiting
         .iter()
-        .any(|&(other, _)| other != db && shared.slot(other).is_none_or(|s| s.writer_pid == 0))
+        .any(|&other| other != db && shared.slot(other).is_none_or(|s| s.writer_pid == 0))
+}
+
+/// Database `db`'s verification counts, logging any dropped for want of room.
+fn take_counts(db: u32) -> Vec<keyhippo_core::usagecount::Cell> {
+    let (counts, dropped) = usage_counts::drain(db);
+    if dropped > 0 {
+        log!("keyhippo: {dropped} verification counts were dropped: the shared table was full between two writes");
+    }
+    counts
 }
 
 /// Writes one batch of database `db`'s uses in a transaction of its own; false when the writer
 /// should stop (keyhippo is not installed there, or the write failed: its uses are back in the
 /// buffer and the error is logged and shown in `keyhippo.worker_status`).
-fn write_batch(db: u32, uses: &[usage::Use]) -> bool {
+fn write_batch(db: u32, uses: &[usage::Use], counts: &[keyhippo_core::usagecount::Cell]) -> bool {
     let outcome = PgTryBuilder::new(|| {
         BackgroundWorker::transaction(|| {
             Spi::connect_mut(|client| -> crate::error::Result<bool> {
@@ -272,6 +301,7 @@ fn write_batch(db: u32, uses: &[usage::Use]) -> bool {
                     client.update("SET LOCAL enable_hashjoin = off", None, &[])?;
                     client.update("SET LOCAL enable_mergejoin = off", None, &[])?;
                     usage::write(client, uses)?;
+                    usage_counts::write(client, counts)?;
                 }
                 Ok(installed)
             })
@@ -306,9 +336,11 @@ fn write_batch(db: u32, uses: &[usage::Use]) -> bool {
             slot.retry_at = now() + flush_interval_micros().min(RETRY_AFTER_FAILURE);
             drop(shared);
             usage::give_back(db, uses);
+            usage_counts::give_back(counts);
             log!(
-                "keyhippo: writing {} key uses failed, kept for the next try: {message}",
-                uses.len()
+                "keyhippo: writing {} key uses and {} verification counts failed, kept for the next try: {message}",
+                uses.len(),
+                counts.len()
             );
             false
         }

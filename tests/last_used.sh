@@ -170,7 +170,7 @@ status_error() { q -d kh_other -c "SELECT coalesce(last_error, '') FROM keyhippo
 for i in $(seq 1 50); do [ -n "$(status_error)" ] && break; sleep 0.1; done
 check "failed write: its error in worker_status" yes "$(status_error | grep -q 'use refused by a test trigger' && echo yes || echo "no: $(status_error)")"
 check "failed write: logged with its reason" yes \
-    "$(grep -q 'writing 1 key uses failed, kept for the next try: use refused by a test trigger' "$ROOT/target/clusters/last_used/server.log" && echo yes || echo no)"
+    "$(grep -qE 'writing 1 key uses and [0-9]+ verification counts failed, kept for the next try: use refused by a test trigger' "$ROOT/target/clusters/last_used/server.log" && echo yes || echo no)"
 check "failed write: not written, the use kept" "f 1" \
     "$(used_in kh_other "$idf") $(q -d kh_other -c "SELECT pending_uses FROM keyhippo.worker_status WHERE database = 'kh_other'")"
 q -d kh_other -c "DROP TRIGGER refuse_use ON keyhippo.api_key_metadata"

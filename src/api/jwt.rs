@@ -52,10 +52,12 @@ pub mod keyhippo_internal {
             ClaimsKey::NotAKey => None,
             ClaimsKey::Dead => Some("NOT_FOUND"),
             ClaimsKey::Live(key) => {
-                Some(match or_raise(crate::limits::admit(key.id, key.user_id)) {
+                let status = match or_raise(crate::limits::admit(key.id, key.user_id)) {
                     crate::limits::Admission::Admitted => "VALID",
                     crate::limits::Admission::Refused => "RATE_LIMITED",
-                })
+                };
+                crate::usage_counts::count(key.id, status);
+                Some(status)
             }
         }
     }

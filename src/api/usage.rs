@@ -8,12 +8,15 @@ use crate::pg::backend::{self, DatabaseState};
 use crate::pg::shmem::{self, DbSlot, SHARED};
 use crate::usage;
 
-/// Writes this database's buffered uses now (tests and operators: no need to wait for the
-/// worker). Returns how many keys had uses to write; 0 when keyhippo is not preloaded.
+/// Writes this database's buffered uses and verification counts now (tests and operators: no
+/// need to wait for the worker). Returns how many keys had uses to write; 0 when keyhippo is not
+/// preloaded.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn flush_key_usage() -> i64 {
-    or_raise(usage::flush_here())
+    let uses = or_raise(usage::flush_here());
+    or_raise(crate::usage_counts::flush_here());
+    uses
 }
 
 /// What the background workers are doing, per database: the databases they have written to or

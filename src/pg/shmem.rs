@@ -2,10 +2,12 @@
 //! the buffer of recorded key uses and the background workers' state ([`SHARED`], its
 //! [`UseSlots`]), the two counters that keep the per-backend caches correct
 //! ([`CACHE_EPOCH`], [`CACHE_IN_FLIGHT`]; see src/cache.rs), and the rate-limit counters
-//! ([`RATE_LOCK`], [`rate_counters`]; see src/limits.rs). The buffer is saved to a file when
+//! ([`RATE_LOCK`], [`rate_counters`]; see src/limits.rs), and the verification counts
+//! ([`COUNTS_LOCK`], [`counts`]; see src/usage_counts.rs). The buffer is saved to a file when
 //! the postmaster shuts down cleanly and read back at the next start.
 
 use keyhippo_core::ratelimit::Counter;
+use keyhippo_core::usagecount::Cell as CountCell;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic, PgLwLock};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -170,6 +172,7 @@ fn request_slots() {
     unsafe {
         pg_sys::RequestAddinShmemSpace(std::mem::size_of::<UseSlots>());
         pg_sys::RequestAddinShmemSpace(counters);
+        pg_sys::RequestAddinShmemSpace(COUNT_CELLS * std::mem::size_of::<CountCell>());
     }
 }
 
@@ -205,7 +208,18 @@ unsafe extern "C-unwind" fn attach_slots() {
             // All zeroes: every counter unused.
             std::ptr::write_bytes(counters, 0, len);
         }
+        let mut cells_found = false;
+        let cells = pg_sys::ShmemInitStruct(
+            c"keyhippo_usage_count_table".as_ptr(),
+            COUNT_CELLS * std::mem::size_of::<CountCell>(),
+            &mut cells_found,
+        )
+        .cast::<CountCell>();
+        if !cells_found {
+            std::ptr::write_bytes(cells, 0, COUNT_CELLS);
+        }
         pg_sys::LWLockRelease(init_lock);
+        COUNTS.store(cells, Ordering::Relaxed);
         SLOTS.store(slots, Ordering::Relaxed);
         RATE_COUNTERS.store(counters, Ordering::Relaxed);
         RATE_COUNTERS_LEN.store(len, Ordering::Relaxed);
@@ -326,6 +340,39 @@ static RATE_COUNTERS: AtomicPtr<Counter> = AtomicPtr::new(std::ptr::null_mut());
 /// How many there are (set in the postmaster from the setting, inherited).
 static RATE_COUNTERS_LEN: AtomicUsize = AtomicUsize::new(0);
 
+/// What the lock of the verification counts (src/usage_counts.rs) guards: the number of counts
+/// dropped because the table was full since the last write (the counts themselves are
+/// allocated like the rate-limit counters).
+#[derive(Clone, Copy, Default)]
+pub struct CountsLock {
+    pub dropped: u64,
+}
+
+// SAFETY: plain old data.
+unsafe impl PGRXSharedMemory for CountsLock {}
+
+// SAFETY: set up in `setup` while the library is preloaded; used only when `preloaded()`.
+pub static COUNTS_LOCK: PgLwLock<CountsLock> = unsafe { PgLwLock::new(c"keyhippo_usage_counts") };
+
+/// Verification counts held between two writes.
+pub const COUNT_CELLS: usize = 32_768;
+
+/// This process's address of the shared verification counts (set in the postmaster, inherited).
+static COUNTS: AtomicPtr<CountCell> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The verification counts; only while holding [`COUNTS_LOCK`] exclusively (the guard proves it).
+pub fn counts(_locked: &mut CountsLock) -> &mut [CountCell] {
+    // SAFETY: allocated at startup in every process that preloaded keyhippo (the only ones that
+    // reach here: callers check `preloaded()`), COUNT_CELLS of them; exclusive under the lock.
+    unsafe { std::slice::from_raw_parts_mut(COUNTS.load(Ordering::Relaxed), COUNT_CELLS) }
+}
+
+/// The verification counts, to read; only while holding [`COUNTS_LOCK`].
+pub fn counts_to_read(_locked: &CountsLock) -> &[CountCell] {
+    // SAFETY: as in `counts`; no writer while the lock is held.
+    unsafe { std::slice::from_raw_parts(COUNTS.load(Ordering::Relaxed), COUNT_CELLS) }
+}
+
 /// The number of rate-limit counters to allocate.
 fn rate_counters_len() -> usize {
     usize::try_from(crate::settings::RATE_LIMIT_COUNTERS.get())
@@ -345,6 +392,7 @@ pub fn rate_counters(_locked: &mut RateLock) -> &mut [Counter] {
 pub fn setup() {
     pg_shmem_init!(SHARED = Shared::default());
     pg_shmem_init!(RATE_LOCK);
+    pg_shmem_init!(COUNTS_LOCK);
     pg_shmem_init!(CACHE_EPOCH);
     pg_shmem_init!(CACHE_IN_FLIGHT);
     super::compat::request_shmem(request_slots);

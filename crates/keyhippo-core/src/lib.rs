@@ -1,10 +1,12 @@
 //! The parts of keyhippo that need no database: the key format and checksum, the hashing of
-//! keys for storage, rate-limit counting, and the order of release versions. The extension crate
-//! binds these to SQL; here they are tested with plain `cargo test` in milliseconds.
+//! keys for storage, rate-limit and usage counting, and the order of release versions. The
+//! extension crate binds these to SQL; here they are tested with plain `cargo test` in
+//! milliseconds.
 
 pub mod hash;
 pub mod jwt;
 pub mod ratelimit;
 pub mod token;
+pub mod usagecount;
 pub mod uuid;
 pub mod version;
