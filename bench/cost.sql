@@ -73,8 +73,8 @@ BEGIN
 END $$;
 
 -- verify_api_key_status and check_request() over n keys from bench_keys' row lo on (the keys
--- from BENCH_KEYS + 1 on have a rate limit, those before do not). Each key is counted against
--- its limits once (once per transaction).
+-- from BENCH_KEYS + 1 on have a rate limit and credits, those before do not). Each key is
+-- counted against its limits, and pays its credit, once (once per transaction).
 CREATE OR REPLACE FUNCTION pg_temp.cost_status_from(lo int, n int) RETURNS double precision LANGUAGE plpgsql AS $$
 DECLARE
     keys text[] := ARRAY(SELECT key FROM bench_keys WHERE i >= lo ORDER BY i LIMIT n);

@@ -79,13 +79,14 @@ elif [ "$FRESH" != 1 ]; then
     q -c "SET session_replication_role = replica" \
       -c "UPDATE keyhippo.api_key_metadata SET last_used_at = created_at - interval '1 day'" >/dev/null
 fi
-# 10,000 more keys, each with a rate limit it never reaches (and in the same hour window for
-# the whole run: a limit of 2,000,000,000 an hour), for verify_api_key_status and
-# check_request() with and without a limit.
+# 10,000 more keys, each with a rate limit and credits it never reaches (a limit of
+# 2,000,000,000 an hour, 10^15 credits), for verify_api_key_status and check_request() with
+# and without them.
 LIMITED=10000
 q -c "$AS_USER" -c "INSERT INTO bench_keys SELECT i, (keyhippo.create_api_key('limited ' || i)).api_key FROM generate_series($((N + 1)), $((N + LIMITED))) i" >/dev/null
 q -c "SET session_replication_role = replica" \
-  -c "INSERT INTO keyhippo.api_key_rate_limits (api_key_id, max_requests, per) SELECT id, 2000000000, '1 hour' FROM keyhippo.api_key_metadata WHERE description LIKE 'limited %'" >/dev/null
+  -c "INSERT INTO keyhippo.api_key_rate_limits (api_key_id, max_requests, per) SELECT id, 2000000000, '1 hour' FROM keyhippo.api_key_metadata WHERE description LIKE 'limited %'" \
+  -c "INSERT INTO keyhippo.api_key_credits (api_key_id, remaining) SELECT id, 1000000000000000 FROM keyhippo.api_key_metadata WHERE description LIKE 'limited %'" >/dev/null
 # VACUUM marks the pages all-visible, as autovacuum would find them later in a real database.
 q -c "CHECKPOINT" -c "VACUUM ANALYZE" -c "CHECKPOINT"
 
@@ -235,13 +236,13 @@ echo "| autovacuum runs on the key table during the rounds | $av | |"
 echo "| in-database cost, verify | $(m cost_verify) µs per call (target <= 10) | $(paste -sd' ' "$OUT/cost_verify") |"
 echo "| in-database cost, verify_api_key_status | $(m cost_status) µs per call | $(paste -sd' ' "$OUT/cost_status") |"
 echo "| \`verify_api_key_status\` on keys without a rate limit (the first $LIMITED) | $(m status_unlimited.tps) tps | $(paste -sd' ' "$OUT/status_unlimited.tps") |"
-echo "| \`verify_api_key_status\` on $LIMITED keys with a rate limit | $(m status_limited.tps) tps | $(paste -sd' ' "$OUT/status_limited.tps") |"
+echo "| \`verify_api_key_status\` on $LIMITED keys with a rate limit and credits | $(m status_limited.tps) tps | $(paste -sd' ' "$OUT/status_limited.tps") |"
 paired=$(by_round status_unlimited status_limited)
-echo "| status with a limit / without, round by round | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
+echo "| status with a limit and credits / without, round by round | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
 paired=$(by_round floor status_limited)
-echo "| status with a limit / floor, round by round | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
-echo "| in-database cost, verify_api_key_status without / with a rate limit | $(m cost_status_from_unlimited) / $(m cost_status_from_limited) µs per call (goal: at most 3 more) | $(paste -sd' ' "$OUT/cost_status_from_unlimited") / $(paste -sd' ' "$OUT/cost_status_from_limited") |"
-echo "| in-database cost, check_request() without / with a rate limit | $(m cost_check_from_unlimited) / $(m cost_check_from_limited) µs per call | $(paste -sd' ' "$OUT/cost_check_from_unlimited") / $(paste -sd' ' "$OUT/cost_check_from_limited") |"
+echo "| status with a limit and credits / floor, round by round | $(median <<<"$paired") | $(paste -sd' ' <<<"$paired") |"
+echo "| in-database cost, verify_api_key_status without / with a rate limit and credits | $(m cost_status_from_unlimited) / $(m cost_status_from_limited) µs per call (goal: at most 3 more) | $(paste -sd' ' "$OUT/cost_status_from_unlimited") / $(paste -sd' ' "$OUT/cost_status_from_limited") |"
+echo "| in-database cost, check_request() without / with a rate limit and credits | $(m cost_check_from_unlimited) / $(m cost_check_from_limited) µs per call | $(paste -sd' ' "$OUT/cost_check_from_unlimited") / $(paste -sd' ' "$OUT/cost_check_from_limited") |"
 echo "| in-database cost, verify with the prepared statement | $(m cost_verify_sql) µs per call | $(paste -sd' ' "$OUT/cost_verify_sql") |"
 echo "| in-database cost, create | $(m cost_create) µs per call (target <= 150) | $(paste -sd' ' "$OUT/cost_create") |"
 echo "| in-database cost, revoke | $(m cost_revoke) µs per call | $(paste -sd' ' "$OUT/cost_revoke") |"

@@ -67,6 +67,8 @@ CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.api_k
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
 CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.owner_rate_limits
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
+CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.api_key_credits
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
 
 -- Expiring keys -------------------------------------------------------------------------------
 

@@ -220,6 +220,25 @@ CREATE TABLE keyhippo.owner_rate_limits (
 COMMENT ON TABLE keyhippo.owner_rate_limits IS
     'Rate limits shared by all keys of one user (keyhippo.set_owner_rate_limit)';
 
+-- Credits (keyhippo.set_credits): what a key may still spend, each admitted request costing 1
+-- and keyhippo.spend_credits more. The live balance is in shared memory (src/credits.rs);
+-- remaining is what the background workers last wrote back, for the refill window that starts
+-- at refilled_at. granted_at tells one grant from the next.
+CREATE TABLE keyhippo.api_key_credits (
+    api_key_id uuid PRIMARY KEY REFERENCES keyhippo.api_key_metadata (id) ON DELETE CASCADE,
+    remaining bigint NOT NULL CONSTRAINT api_key_credits_remaining_check CHECK (remaining >= 0),
+    refill_amount bigint CONSTRAINT api_key_credits_refill_amount_check CHECK (refill_amount > 0),
+    refill_interval interval CONSTRAINT api_key_credits_refill_interval_check
+        CHECK (refill_interval > interval '0' AND refill_interval <= interval '366 days'
+               AND pg_catalog.date_part('month', refill_interval) = 0
+               AND pg_catalog.date_part('year', refill_interval) = 0),
+    granted_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    refilled_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    CONSTRAINT api_key_credits_refill_check CHECK ((refill_amount IS NULL) = (refill_interval IS NULL))
+);
+COMMENT ON TABLE keyhippo.api_key_credits IS
+    'Credits of keys (keyhippo.set_credits): remaining as last written by keyhippo''s background workers, and the refill';
+
 -- Verifications per key and hour, by outcome: counted in shared memory by the calls that admit
 -- a request (verify_api_key_status, check_request) and added here by the background workers
 -- (src/usage_counts.rs), which delete rows older than keyhippo.usage_retention.
@@ -298,3 +317,4 @@ SELECT pg_catalog.pg_extension_config_dump('keyhippo_internal.config', '');
 SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_rate_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('keyhippo.owner_rate_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_credits', '');

@@ -1,4 +1,5 @@
--- keyhippo 2.0.0 -> 2.1.0: rate limits (keyhippo.set_rate_limit, keyhippo.set_owner_rate_limit),
+-- keyhippo 2.0.0 -> 2.1.0: rate limits (keyhippo.set_rate_limit, keyhippo.set_owner_rate_limit)
+-- and credits (keyhippo.set_credits, keyhippo.spend_credits),
 -- counted in shared memory by verify_api_key_status and check_request (HTTP 429, also for JWT
 -- API keys); a key imported with import_api_key is seen at once by backends that had found no
 -- imported key before; verifications per key and hour in keyhippo.api_key_usage.
@@ -31,6 +32,25 @@ CREATE TABLE keyhippo.owner_rate_limits (
 COMMENT ON TABLE keyhippo.owner_rate_limits IS
     'Rate limits shared by all keys of one user (keyhippo.set_owner_rate_limit)';
 
+-- Credits (keyhippo.set_credits): what a key may still spend, each admitted request costing 1
+-- and keyhippo.spend_credits more. The live balance is in shared memory (src/credits.rs);
+-- remaining is what the background workers last wrote back, for the refill window that starts
+-- at refilled_at. granted_at tells one grant from the next.
+CREATE TABLE keyhippo.api_key_credits (
+    api_key_id uuid PRIMARY KEY REFERENCES keyhippo.api_key_metadata (id) ON DELETE CASCADE,
+    remaining bigint NOT NULL CONSTRAINT api_key_credits_remaining_check CHECK (remaining >= 0),
+    refill_amount bigint CONSTRAINT api_key_credits_refill_amount_check CHECK (refill_amount > 0),
+    refill_interval interval CONSTRAINT api_key_credits_refill_interval_check
+        CHECK (refill_interval > interval '0' AND refill_interval <= interval '366 days'
+               AND pg_catalog.date_part('month', refill_interval) = 0
+               AND pg_catalog.date_part('year', refill_interval) = 0),
+    granted_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    refilled_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    CONSTRAINT api_key_credits_refill_check CHECK ((refill_amount IS NULL) = (refill_interval IS NULL))
+);
+COMMENT ON TABLE keyhippo.api_key_credits IS
+    'Credits of keys (keyhippo.set_credits): remaining as last written by keyhippo''s background workers, and the refill';
+
 -- Verifications per key and hour, by outcome: counted in shared memory by the calls that admit
 -- a request (verify_api_key_status, check_request) and added here by the background workers
 -- (src/usage_counts.rs), which delete rows older than keyhippo.usage_retention.
@@ -50,6 +70,7 @@ COMMENT ON TABLE keyhippo.api_key_usage IS
 SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_rate_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('keyhippo.owner_rate_limits', '');
 SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('keyhippo.api_key_credits', '');
 
 CREATE FUNCTION keyhippo_internal."rate_limit_refusal"() RETURNS jsonb
 STRICT VOLATILE PARALLEL UNSAFE
@@ -61,12 +82,18 @@ STRICT VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'jwt_api_key_status_wrapper';
+CREATE FUNCTION keyhippo_internal."spend_credits_now"("p_cost" INT) RETURNS jsonb
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'spend_credits_now_wrapper';
 REVOKE ALL ON FUNCTION keyhippo_internal.jwt_api_key_status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.jwt_api_key_status() TO anon, authenticated, service_role;
 
 CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.api_key_rate_limits
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
 CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.owner_rate_limits
+    FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
+CREATE TRIGGER keyhippo_audit AFTER INSERT OR UPDATE OR DELETE ON keyhippo.api_key_credits
     FOR EACH ROW EXECUTE FUNCTION keyhippo_internal.audit_change();
 
 -- Rate limits ----------------------------------------------------------------------------------
@@ -190,6 +217,122 @@ GRANT EXECUTE ON FUNCTION keyhippo.set_rate_limit(uuid, integer, interval) TO au
 GRANT EXECUTE ON FUNCTION keyhippo.set_owner_rate_limit(uuid, integer, interval) TO authenticated, service_role;
 GRANT EXECUTE ON FUNCTION keyhippo_internal.rate_limit_refusal() TO anon, authenticated, service_role;
 
+-- PostgREST's 429 for a request refused by a rate limit or for want of credits: refusal is
+-- what keyhippo_internal.rate_limit_refusal() says (message, details, retry_after).
+CREATE FUNCTION keyhippo_internal.refuse_request(refusal jsonb) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE SQLSTATE 'PGRST' USING
+        MESSAGE = pg_catalog.jsonb_build_object(
+            'code', 'KH429',
+            'message', refusal->>'message',
+            'details', refusal->>'details',
+            'hint', CASE WHEN refusal->>'retry_after' IS NULL
+                         THEN 'No credits are left and none will be refilled: the key''s issuer can grant more.'
+                         ELSE pg_catalog.format('Retry after %s seconds.', refusal->>'retry_after') END)::text,
+        DETAIL = pg_catalog.jsonb_build_object(
+            'status', 429,
+            'headers', CASE WHEN refusal->>'retry_after' IS NULL THEN '{}'::jsonb
+                            ELSE pg_catalog.jsonb_build_object('Retry-After', refusal->>'retry_after') END)::text;
+END
+$$;
+
+-- Credits: granted by service_role and admins; NULL p_remaining removes them (unlimited).
+-- p_refill_amount every p_refill_interval (windows aligned to the clock) sets the balance back
+-- to that amount.
+CREATE FUNCTION keyhippo.set_credits(p_api_key_id uuid, p_remaining bigint,
+                                     p_refill_amount bigint DEFAULT NULL,
+                                     p_refill_interval interval DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT keyhippo_internal.caller_is_admin() THEN
+        RAISE EXCEPTION 'keyhippo: permission denied: only service_role and admins grant credits'
+            USING ERRCODE = '42501';
+    END IF;
+    IF p_api_key_id IS NULL THEN
+        RAISE EXCEPTION 'keyhippo: p_api_key_id must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF p_remaining < 0 THEN
+        RAISE EXCEPTION 'keyhippo: p_remaining must not be negative (NULL removes the credits)'
+            USING ERRCODE = '22023';
+    END IF;
+    IF (p_refill_amount IS NULL) <> (p_refill_interval IS NULL) THEN
+        RAISE EXCEPTION 'keyhippo: p_refill_amount and p_refill_interval go together'
+            USING ERRCODE = '22023';
+    END IF;
+    IF p_refill_amount <= 0 THEN
+        RAISE EXCEPTION 'keyhippo: p_refill_amount must be positive' USING ERRCODE = '22023';
+    END IF;
+    IF p_refill_interval IS NOT NULL THEN
+        PERFORM keyhippo_internal.check_rate_limit(1, p_refill_interval);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM keyhippo.api_key_metadata m WHERE m.id = p_api_key_id) THEN
+        RAISE EXCEPTION 'keyhippo: API key % does not exist', p_api_key_id USING ERRCODE = 'P0002';
+    END IF;
+    IF p_remaining IS NULL THEN
+        DELETE FROM keyhippo.api_key_credits c WHERE c.api_key_id = p_api_key_id;
+    ELSE
+        INSERT INTO keyhippo.api_key_credits AS c
+               (api_key_id, remaining, refill_amount, refill_interval, granted_at, refilled_at)
+        VALUES (p_api_key_id, p_remaining, p_refill_amount, p_refill_interval,
+                pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp())
+        ON CONFLICT (api_key_id) DO UPDATE
+            SET remaining = EXCLUDED.remaining, refill_amount = EXCLUDED.refill_amount,
+                refill_interval = EXCLUDED.refill_interval, granted_at = EXCLUDED.granted_at,
+                refilled_at = EXCLUDED.refilled_at;
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION keyhippo.set_credits(uuid, bigint, bigint, interval) IS
+    'Grants a key credits (service_role, admins): each admitted request costs 1, spend_credits more; the refill sets the balance back to p_refill_amount every p_refill_interval; NULL p_remaining removes them';
+
+-- Charges p_cost credits more to the key admitted last in this transaction, on top of the 1 its
+-- admission cost; returns what is left (NULL for a key without credits). 429 when not enough.
+CREATE FUNCTION keyhippo.spend_credits(p_cost integer DEFAULT 1) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_spent jsonb := keyhippo_internal.spend_credits_now(p_cost);
+BEGIN
+    IF v_spent ? 'refused' THEN
+        PERFORM keyhippo_internal.refuse_request(v_spent->'refused');
+    END IF;
+    RETURN (v_spent->>'remaining')::bigint;
+END
+$$;
+COMMENT ON FUNCTION keyhippo.spend_credits(integer) IS
+    'Charges p_cost credits more to the key admitted last in this transaction; returns what is left (NULL: no credits set); HTTP 429 (PGRST) when not enough; given back if the transaction or savepoint rolls back';
+
+ALTER TABLE keyhippo.api_key_credits ENABLE ROW LEVEL SECURITY;
+CREATE POLICY api_key_credits_read ON keyhippo.api_key_credits
+    FOR SELECT TO authenticated
+    USING (api_key_id IN (SELECT m.id FROM keyhippo.api_key_metadata m));
+CREATE POLICY api_key_credits_service_role ON keyhippo.api_key_credits
+    FOR SELECT TO service_role USING (true);
+GRANT SELECT ON keyhippo.api_key_credits TO authenticated, service_role;
+REVOKE ALL ON FUNCTION keyhippo.set_credits(uuid, bigint, bigint, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION keyhippo.spend_credits(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION keyhippo_internal.spend_credits_now(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION keyhippo_internal.refuse_request(jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keyhippo.set_credits(uuid, bigint, bigint, interval) TO authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo.spend_credits(integer) TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.spend_credits_now(integer) TO anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION keyhippo_internal.refuse_request(jsonb) TO anon, authenticated, service_role;
+-- A new grant (not the workers writing a balance back) makes the backends' copies stale.
+CREATE TRIGGER keyhippo_cache AFTER INSERT OR DELETE OR TRUNCATE ON keyhippo.api_key_credits
+    FOR EACH STATEMENT EXECUTE FUNCTION keyhippo_internal.note_key_change();
+CREATE TRIGGER keyhippo_cache_grant AFTER UPDATE ON keyhippo.api_key_credits
+    FOR EACH ROW WHEN (OLD.granted_at IS DISTINCT FROM NEW.granted_at)
+    EXECUTE FUNCTION keyhippo_internal.note_key_change();
+ALTER TABLE keyhippo.api_key_credits ENABLE ALWAYS TRIGGER keyhippo_cache;
+ALTER TABLE keyhippo.api_key_credits ENABLE ALWAYS TRIGGER keyhippo_cache_grant;
+
 -- Usage counts: owners read their keys' rows (api_key_metadata's policy decides which keys they
 -- see), admins and service_role all. Only keyhippo's background workers write them.
 ALTER TABLE keyhippo.api_key_usage ENABLE ROW LEVEL SECURITY;
@@ -215,7 +358,6 @@ AS $$
 DECLARE
     v_status text;
     v_reason text;
-    v_refusal jsonb;
 BEGIN
     -- A JWT API key first (NULL when the JWT is none); a key in x-api-key beside a live one
     -- must be valid too.
@@ -226,21 +368,8 @@ BEGIN
     BEGIN
         IF v_status = 'VALID' THEN
             RETURN;
-        ELSIF v_status = 'RATE_LIMITED' THEN
-            v_refusal := keyhippo_internal.rate_limit_refusal();
-            RAISE SQLSTATE 'PGRST' USING
-                MESSAGE = pg_catalog.jsonb_build_object(
-                    'code', 'KH429',
-                    'message', 'rate limit exceeded',
-                    'details', CASE v_refusal->>'limit'
-                                   WHEN 'server' THEN 'the server''s rate-limit counters are full'
-                                   ELSE pg_catalog.format('%s limit: %s requests per %s seconds',
-                                                          v_refusal->>'limit', v_refusal->>'max_requests',
-                                                          pg_catalog.trim_scale((v_refusal->>'per')::numeric)) END,
-                    'hint', pg_catalog.format('Retry after %s seconds.', v_refusal->>'retry_after'))::text,
-                DETAIL = pg_catalog.jsonb_build_object(
-                    'status', 429,
-                    'headers', pg_catalog.jsonb_build_object('Retry-After', v_refusal->>'retry_after'))::text;
+        ELSIF v_status IN ('RATE_LIMITED', 'USAGE_EXCEEDED') THEN
+            PERFORM keyhippo_internal.refuse_request(keyhippo_internal.rate_limit_refusal());
         ELSIF v_status IS NOT NULL THEN
             v_reason := CASE v_status WHEN 'EXPIRED' THEN 'expired'
                                       WHEN 'DISABLED' THEN 'disabled'

@@ -20,6 +20,8 @@ pub enum KeyhippoError {
     NotFound(String),
     /// The object exists but is in the wrong state, e.g. rotating a revoked key (55000).
     WrongState(String),
+    /// Something keyhippo does not do, e.g. preparing a transaction that spent credits (0A000).
+    Unsupported(String),
     /// The library this server loaded is older than the SQL being installed needs (55000).
     LibraryOutdated(String),
     /// A bug or an unexpected database condition (XX000).
@@ -44,6 +46,7 @@ impl KeyhippoError {
             KeyhippoError::InvalidArgument(m) => (ERRCODE_INVALID_PARAMETER_VALUE, m, None),
             KeyhippoError::NotFound(m) => (ERRCODE_NO_DATA_FOUND, m, None),
             KeyhippoError::WrongState(m) => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, m, None),
+            KeyhippoError::Unsupported(m) => (ERRCODE_FEATURE_NOT_SUPPORTED, m, None),
             KeyhippoError::LibraryOutdated(m) => (
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 m,

@@ -76,7 +76,10 @@ pub fn report<'a>(count: usize, keys: impl Iterator<Item = Option<&'a str>>) -> 
     for key in keys.into_iter().flatten() {
         let id = match verify::check(Some(key), false)? {
             Status::Valid { key, .. } => key.id,
-            Status::Expired(key) | Status::Disabled(key) | Status::RateLimited(key) => key.id,
+            Status::Expired(key)
+            | Status::Disabled(key)
+            | Status::RateLimited(key)
+            | Status::UsageExceeded(key) => key.id,
             Status::NotFound => continue,
         };
         found.insert(id);

@@ -30,6 +30,7 @@ mod api;
 mod audit;
 mod cache;
 mod caller;
+mod credits;
 mod expiry;
 mod fallback_use;
 mod impersonation;

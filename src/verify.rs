@@ -37,6 +37,8 @@ pub enum Status {
     Disabled(Refused),
     /// A valid key whose rate limit has no room left (only from [`admit`]).
     RateLimited(Refused),
+    /// A valid key without the credits the request costs (only from [`admit`]).
+    UsageExceeded(Refused),
 }
 
 /// The key row of a key refused for being expired or disabled (its secret matched).
@@ -57,6 +59,7 @@ impl Status {
             Status::Expired(_) => "EXPIRED",
             Status::Disabled(_) => "DISABLED",
             Status::RateLimited(_) => "RATE_LIMITED",
+            Status::UsageExceeded(_) => "USAGE_EXCEEDED",
         }
     }
 
@@ -82,9 +85,10 @@ pub fn admit(api_key: Option<&str>) -> Result<Status> {
     let status = admission(api_key)?;
     match &status {
         Status::Valid { key, .. } => usage_counts::count(key.id, status.name()),
-        Status::Expired(key) | Status::Disabled(key) | Status::RateLimited(key) => {
-            usage_counts::count(key.id, status.name())
-        }
+        Status::Expired(key)
+        | Status::Disabled(key)
+        | Status::RateLimited(key)
+        | Status::UsageExceeded(key) => usage_counts::count(key.id, status.name()),
         Status::NotFound => {}
     }
     Ok(status)
@@ -95,14 +99,16 @@ fn admission(api_key: Option<&str>) -> Result<Status> {
     let Status::Valid { key, expires_at } = status else {
         return Ok(status);
     };
+    let refused = Refused {
+        id: key.id,
+        user_id: key.user_id,
+        scope_id: key.scope_id,
+        expires_at,
+    };
     Ok(match limits::admit(key.id, key.user_id)? {
         limits::Admission::Admitted => Status::Valid { key, expires_at },
-        limits::Admission::Refused => Status::RateLimited(Refused {
-            id: key.id,
-            user_id: key.user_id,
-            scope_id: key.scope_id,
-            expires_at,
-        }),
+        limits::Admission::RateLimited => Status::RateLimited(refused),
+        limits::Admission::UsageExceeded => Status::UsageExceeded(refused),
     })
 }
 

@@ -34,7 +34,7 @@ use crate::pg::backend::{self, DatabaseState};
 use crate::pg::shmem::SHARED;
 use crate::pg::utility;
 use crate::settings::flush_interval_micros;
-use crate::{usage, usage_counts};
+use crate::{credits, usage, usage_counts};
 
 /// Writers running at once. `max_worker_processes` (8 by default) is shared with parallel
 /// query and other extensions.
@@ -96,6 +96,7 @@ fn pending_work() -> Vec<u32> {
     let mut dbs: Vec<u32> = usage::pending_per_database()
         .into_iter()
         .chain(usage_counts::pending_per_database())
+        .chain(credits::pending_per_database())
         .map(|(db, _)| db)
         .collect();
     dbs.sort_unstable();
@@ -228,8 +229,9 @@ pub extern "C-unwind" fn keyhippo_writer_main(arg: pg_sys::Datum) {
         }
         let uses = usage::drain(db);
         let counts = take_counts(db);
-        if !uses.is_empty() || !counts.is_empty() {
-            if !write_batch(db, &uses, &counts) {
+        let balances = credits::changed(db);
+        if !uses.is_empty() || !counts.is_empty() || !balances.is_empty() {
+            if !write_batch(db, &uses, &counts, &balances) {
                 break;
             }
             idle_since = now();
@@ -244,8 +246,9 @@ pub extern "C-unwind" fn keyhippo_writer_main(arg: pg_sys::Datum) {
             // whatever comes later).
             let uses = usage::drain(db);
             let counts = take_counts(db);
-            if !uses.is_empty() || !counts.is_empty() {
-                write_batch(db, &uses, &counts);
+            let balances = credits::changed(db);
+            if !uses.is_empty() || !counts.is_empty() || !balances.is_empty() {
+                write_batch(db, &uses, &counts, &balances);
             }
             break;
         }
@@ -280,7 +283,12 @@ fn take_counts(db: u32) -> Vec<keyhippo_core::usagecount::Cell> {
 /// Writes one batch of database `db`'s uses in a transaction of its own; false when the writer
 /// should stop (keyhippo is not installed there, or the write failed: its uses are back in the
 /// buffer and the error is logged and shown in `keyhippo.worker_status`).
-fn write_batch(db: u32, uses: &[usage::Use], counts: &[keyhippo_core::usagecount::Cell]) -> bool {
+fn write_batch(
+    db: u32,
+    uses: &[usage::Use],
+    counts: &[keyhippo_core::usagecount::Cell],
+    balances: &[keyhippo_core::credits::Balance],
+) -> bool {
     let outcome = PgTryBuilder::new(|| {
         BackgroundWorker::transaction(|| {
             Spi::connect_mut(|client| -> crate::error::Result<bool> {
@@ -302,6 +310,7 @@ fn write_batch(db: u32, uses: &[usage::Use], counts: &[keyhippo_core::usagecount
                     client.update("SET LOCAL enable_mergejoin = off", None, &[])?;
                     usage::write(client, uses)?;
                     usage_counts::write(client, counts)?;
+                    credits::write(client, balances)?;
                 }
                 Ok(installed)
             })
@@ -321,6 +330,7 @@ fn write_batch(db: u32, uses: &[usage::Use], counts: &[keyhippo_core::usagecount
     let slot = shared.slot_or_new(db);
     match outcome {
         Ok(true) => {
+            credits::written(balances);
             slot.last_write = now();
             slot.written += uses.len() as u64;
             slot.installed = 1;

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Rate limits under real parallel connections (pgbench) on a preloaded server, and a server that
-# does not preload keyhippo:
+# Rate limits and credits under real parallel connections (pgbench) on a preloaded server, and a
+# server that does not preload keyhippo:
 #   - four connections hammer one key limited to N per hour: exactly N requests are admitted;
 #   - two keys of one owner, two connections each, under an owner limit of M: exactly M;
 #   - the same through check_request() in READ ONLY transactions (PostgREST's GET requests);
+#   - credits spent by four connections: paid + left = granted, refused requests refunded;
+#     spent credits survive a clean restart;
 #   - without preloading, a limited key is refused with 55000 and an unlimited one is admitted.
 # Needs the extension installed into the private build (bin/install). Ends with
 # "rate_limits: N passed, N failed".
@@ -108,6 +110,54 @@ for i in 1 2 3; do
     answers="$answers $(q -c "BEGIN READ ONLY" -c "SET LOCAL ROLE authenticated" -c "SELECT public.jwt_request('$claims')" -c "COMMIT")"
 done
 check "a JWT API key limited to 2 an hour, three requests through check_request()" "200 200 429" "$(echo $answers)"
+
+# Credits under four connections: each request costs 2 (its admission and spend_credits(1)); a
+# request that cannot pay rolls back, which gives back its admission. No credit is spent twice
+# or lost: what was paid plus what is left is what was granted.
+read -r key_c id_c <<<"$(new_key 'paid requests')"
+q -c "SET ROLE service_role" -c "SELECT keyhippo.set_credits('$id_c', 500)" >/dev/null
+q -c "CREATE TABLE public.paid (cost int)" -c "GRANT INSERT ON public.paid TO anon" \
+  -c "CREATE FUNCTION public.charge(p_key text) RETURNS boolean LANGUAGE plpgsql AS \$\$
+BEGIN
+    IF (SELECT status FROM keyhippo.verify_api_key_status(p_key)) <> 'VALID' THEN
+        RETURN false;
+    END IF;
+    PERFORM keyhippo.spend_credits(1);
+    RETURN true;
+EXCEPTION WHEN sqlstate 'PGRST' THEN
+    RETURN false;
+END \$\$"
+cat >"$WORK/paid.sql" <<SQL
+BEGIN;
+SET LOCAL ROLE anon;
+SELECT public.charge('$key_c') AS ok \gset
+\if :ok
+INSERT INTO public.paid VALUES (2);
+COMMIT;
+\else
+ROLLBACK;
+\endif
+SQL
+"$PGBIN/pgbench" -n -c 4 -j 2 -t 100 -f "$WORK/paid.sql" kh >"$WORK/paid.log" 2>&1
+q -c "SELECT keyhippo.flush_key_usage()" >/dev/null
+paid=$(q -c "SELECT coalesce(sum(cost), 0) FROM public.paid")
+left=$(q -c "SELECT remaining FROM keyhippo.api_key_credits WHERE api_key_id = '$id_c'")
+check "credits: 400 requests at 2 credits on 500, four connections: paid + left = granted" "500 yes" \
+    "$((paid + left)) $([ "$paid" -gt 0 ] && [ "$paid" -le 500 ] && echo yes || echo "no: paid $paid")"
+# What a new request finds available is what the table says is left: nothing is still held by
+# the requests that rolled back.
+if [ "$left" -eq 0 ]; then expected=USAGE_EXCEEDED; else expected="VALID $((left - 1))"; fi
+check "... every refused request gave its admission back: $left left, all available" "$expected" \
+    "$(q -c "BEGIN" -c "SELECT status FROM keyhippo.verify_api_key_status('$key_c')" -c "SELECT keyhippo.spend_credits(0) WHERE $left > 0" -c "ROLLBACK" 2>/dev/null | tr '\n' ' ' | sed 's/ *$//')"
+
+# Spent credits survive a clean restart, written or not.
+read -r key_s id_s <<<"$(new_key 'restart')"
+q -c "SET ROLE service_role" -c "SELECT keyhippo.set_credits('$id_s', 100)" >/dev/null
+for i in 1 2 3; do q -c "SELECT status FROM keyhippo.verify_api_key_status('$key_s')" >/dev/null; done
+before=$(q -c "BEGIN" -c "SELECT status FROM keyhippo.verify_api_key_status('$key_s')" -c "SELECT keyhippo.spend_credits(0)" -c "ROLLBACK" | tail -1)
+bin/cluster restart rate_limits >/dev/null || exit 1
+after=$(q -c "BEGIN" -c "SELECT status FROM keyhippo.verify_api_key_status('$key_s')" -c "SELECT keyhippo.spend_credits(0)" -c "ROLLBACK" | tail -1)
+check "credits: 3 spent of 100, then a clean restart: 97 left (96 once the reading request holds one)" "96 96" "$before $after"
 
 # Without preloading: no shared memory to count in.
 bin/cluster start rate_limits_plain $((PORT + 1)) >/dev/null || exit 1

@@ -85,18 +85,36 @@ pub mod keyhippo_internal {
         Some(status.name())
     }
 
-    /// The rate limit that refused a request last in this transaction, for the 429 response of
-    /// `check_request`: `{"limit": "key" | "owner" | "server", "max_requests", "per" (seconds),
-    /// "retry_after" (seconds)}`; NULL when none did.
+    /// The rate limit or shortage of credits that refused a request last in this transaction,
+    /// for the 429 response of `check_request` and `spend_credits`: `{"limit": "key" | "owner" |
+    /// "credits" | "server", "message", "details", "max_requests", "per" (seconds),
+    /// "retry_after" (seconds; null when no refill will come), "left" (credits)}`; NULL when
+    /// nothing refused.
     #[pg_extern(volatile, parallel_unsafe)]
     fn rate_limit_refusal() -> Option<pgrx::JsonB> {
-        let refusal = crate::limits::last_refusal()?;
-        Some(pgrx::JsonB(serde_json::json!({
-            "limit": refusal.limit,
-            "max_requests": refusal.rate.map(|r| r.max_requests),
-            "per": refusal.rate.map(|r| r.per_us as f64 / 1_000_000.0),
-            "retry_after": refusal.retry_after,
-        })))
+        crate::limits::last_refusal().map(|r| pgrx::JsonB(refusal_json(&r)))
+    }
+
+    /// `keyhippo.spend_credits`'s work: `{"remaining": n}` (null: the key has no credits) or
+    /// `{"refused": <refusal, as rate_limit_refusal>}`.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn spend_credits_now(p_cost: Option<i32>) -> pgrx::JsonB {
+        pgrx::JsonB(match crate::error::or_raise(crate::limits::spend(p_cost)) {
+            crate::limits::Spent::Left(left) => serde_json::json!({ "remaining": left }),
+            crate::limits::Spent::Refused(r) => serde_json::json!({ "refused": refusal_json(&r) }),
+        })
+    }
+
+    fn refusal_json(r: &crate::limits::Refusal) -> serde_json::Value {
+        serde_json::json!({
+            "limit": r.limit,
+            "message": r.message(),
+            "details": r.details(),
+            "max_requests": r.rate.map(|r| r.max_requests),
+            "per": r.rate.map(|r| r.per_us as f64 / 1_000_000.0),
+            "retry_after": r.retry_after,
+            "left": r.left,
+        })
     }
 
     /// The app_role named by the JWT's `user_role` claim, if it names one.

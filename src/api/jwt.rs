@@ -42,8 +42,9 @@ pub mod keyhippo_internal {
     }
 
     /// For the pre-request hook: NULL when request.jwt.claims is not a JWT API key; otherwise
-    /// `NOT_FOUND` when its jti is unknown, revoked or expired, else `VALID` or `RATE_LIMITED`,
-    /// the request counted against the key's rate limits (as `verify_api_key_status` does).
+    /// `NOT_FOUND` when its jti is unknown, revoked or expired, else `VALID`, `RATE_LIMITED` or
+    /// `USAGE_EXCEEDED`, the request counted against the key's rate limits and credits (as
+    /// `verify_api_key_status` does).
     #[pg_extern(volatile, security_definer, parallel_unsafe)]
     #[search_path(pg_catalog, pg_temp)]
     fn jwt_api_key_status() -> Option<&'static str> {
@@ -54,7 +55,8 @@ pub mod keyhippo_internal {
             ClaimsKey::Live(key) => {
                 let status = match or_raise(crate::limits::admit(key.id, key.user_id)) {
                     crate::limits::Admission::Admitted => "VALID",
-                    crate::limits::Admission::Refused => "RATE_LIMITED",
+                    crate::limits::Admission::RateLimited => "RATE_LIMITED",
+                    crate::limits::Admission::UsageExceeded => "USAGE_EXCEEDED",
                 };
                 crate::usage_counts::count(key.id, status);
                 Some(status)

@@ -127,7 +127,8 @@ pub extern "C-unwind" fn keyhippo_verify_api_key_status(
                 ],
                 verify::Status::Expired(key)
                 | verify::Status::Disabled(key)
-                | verify::Status::RateLimited(key) => vec![
+                | verify::Status::RateLimited(key)
+                | verify::Status::UsageExceeded(key) => vec![
                     name,
                     uuid(&key.id),
                     uuid(&key.user_id),

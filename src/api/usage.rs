@@ -8,7 +8,7 @@ use crate::pg::backend::{self, DatabaseState};
 use crate::pg::shmem::{self, DbSlot, SHARED};
 use crate::usage;
 
-/// Writes this database's buffered uses and verification counts now (tests and operators: no
+/// Writes this database's buffered uses, verification counts and changed credit balances now (tests and operators: no
 /// need to wait for the worker). Returns how many keys had uses to write; 0 when keyhippo is not
 /// preloaded.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
@@ -16,6 +16,7 @@ use crate::usage;
 fn flush_key_usage() -> i64 {
     let uses = or_raise(usage::flush_here());
     or_raise(crate::usage_counts::flush_here());
+    or_raise(crate::credits::flush_here());
     uses
 }
 

@@ -20,6 +20,12 @@ pub fn clock() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
+/// The current (sub)transaction's id within its top transaction (1 for the top level).
+pub fn subtransaction_id() -> u32 {
+    // SAFETY: plain read of transaction state.
+    unsafe { pg_sys::GetCurrentSubTransactionId() }
+}
+
 /// The OID of the database this backend is connected to (0 for none).
 pub fn database_id() -> u32 {
     // SAFETY: plain read of backend state.

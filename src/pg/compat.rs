@@ -86,3 +86,20 @@ pub fn request_shmem(request: fn()) {
 pub unsafe fn addin_shmem_init_lock() -> *mut pg_sys::LWLock {
     unsafe { &raw mut (*pg_sys::MainLWLockArray.add(21)).lock }
 }
+
+/// This backend's local transaction id: a number no other transaction of this backend had.
+/// (PostgreSQL 17 moved it into `PGPROC.vxid`.)
+pub fn local_transaction_id() -> u32 {
+    // SAFETY: MyProc is this process's PGPROC, in shared memory for the life of the server;
+    // only this backend writes its local transaction id.
+    unsafe {
+        #[cfg(any(feature = "pg14", feature = "pg15", feature = "pg16"))]
+        {
+            (*pg_sys::MyProc).lxid
+        }
+        #[cfg(not(any(feature = "pg14", feature = "pg15", feature = "pg16")))]
+        {
+            (*pg_sys::MyProc).vxid.lxid
+        }
+    }
+}

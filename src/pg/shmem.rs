@@ -3,9 +3,12 @@
 //! [`UseSlots`]), the two counters that keep the per-backend caches correct
 //! ([`CACHE_EPOCH`], [`CACHE_IN_FLIGHT`]; see src/cache.rs), and the rate-limit counters
 //! ([`RATE_LOCK`], [`rate_counters`]; see src/limits.rs), and the verification counts
-//! ([`COUNTS_LOCK`], [`counts`]; see src/usage_counts.rs). The buffer is saved to a file when
-//! the postmaster shuts down cleanly and read back at the next start.
+//! ([`COUNTS_LOCK`], [`counts`]; see src/usage_counts.rs), and the credit balances
+//! ([`BALANCES_LOCK`], [`balances`]; see src/credits.rs). The buffer of uses and the balances
+//! not yet written are saved to files when the postmaster shuts down cleanly and read back at
+//! the next start.
 
+use keyhippo_core::credits::{Balance, Balances};
 use keyhippo_core::ratelimit::Counter;
 use keyhippo_core::usagecount::Cell as CountCell;
 use pgrx::prelude::*;
@@ -173,6 +176,7 @@ fn request_slots() {
         pg_sys::RequestAddinShmemSpace(std::mem::size_of::<UseSlots>());
         pg_sys::RequestAddinShmemSpace(counters);
         pg_sys::RequestAddinShmemSpace(COUNT_CELLS * std::mem::size_of::<CountCell>());
+        pg_sys::RequestAddinShmemSpace(BALANCE_SLOTS * std::mem::size_of::<Balance>());
     }
 }
 
@@ -218,7 +222,18 @@ unsafe extern "C-unwind" fn attach_slots() {
         if !cells_found {
             std::ptr::write_bytes(cells, 0, COUNT_CELLS);
         }
+        let mut balances_found = false;
+        let balances = pg_sys::ShmemInitStruct(
+            c"keyhippo_credit_balance_table".as_ptr(),
+            BALANCE_SLOTS * std::mem::size_of::<Balance>(),
+            &mut balances_found,
+        )
+        .cast::<Balance>();
+        if !balances_found {
+            std::ptr::write_bytes(balances, 0, BALANCE_SLOTS);
+        }
         pg_sys::LWLockRelease(init_lock);
+        BALANCES.store(balances, Ordering::Relaxed);
         COUNTS.store(cells, Ordering::Relaxed);
         SLOTS.store(slots, Ordering::Relaxed);
         RATE_COUNTERS.store(counters, Ordering::Relaxed);
@@ -229,7 +244,11 @@ unsafe extern "C-unwind" fn attach_slots() {
             if !found {
                 load_saved_uses(&mut *slots);
             }
+            if !balances_found {
+                load_saved_balances(std::slice::from_raw_parts_mut(balances, BALANCE_SLOTS));
+            }
             pg_sys::on_shmem_exit(Some(save_uses_at_exit), pg_sys::Datum::from(0));
+            pg_sys::on_shmem_exit(Some(save_balances_at_exit), pg_sys::Datum::from(0));
         }
     }
 }
@@ -373,6 +392,98 @@ pub fn counts_to_read(_locked: &CountsLock) -> &[CountCell] {
     unsafe { std::slice::from_raw_parts(COUNTS.load(Ordering::Relaxed), COUNT_CELLS) }
 }
 
+/// What the lock of the credit balances (src/credits.rs) guards: nothing of its own (the
+/// balances are allocated like the rate-limit counters).
+#[derive(Clone, Copy, Default)]
+pub struct BalancesLock {
+    _unused: u8,
+}
+
+// SAFETY: plain old data.
+unsafe impl PGRXSharedMemory for BalancesLock {}
+
+// SAFETY: set up in `setup` while the library is preloaded; used only when `preloaded()`.
+pub static BALANCES_LOCK: PgLwLock<BalancesLock> =
+    unsafe { PgLwLock::new(c"keyhippo_credit_balances") };
+
+/// Credit balances held at once (keys with credits in use).
+pub const BALANCE_SLOTS: usize = 16_384;
+
+/// This process's address of the shared credit balances (set in the postmaster, inherited).
+static BALANCES: AtomicPtr<Balance> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The credit balances; only while holding [`BALANCES_LOCK`] (the guard proves it; readers
+/// take it exclusively too: reading a balance can refill it).
+pub fn balances(_locked: &mut BalancesLock) -> &mut [Balance] {
+    // SAFETY: allocated at startup in every process that preloaded keyhippo (the only ones that
+    // reach here: callers check `preloaded()`), BALANCE_SLOTS of them; exclusive under the lock.
+    unsafe { std::slice::from_raw_parts_mut(BALANCES.load(Ordering::Relaxed), BALANCE_SLOTS) }
+}
+
+/// Where the postmaster keeps changed balances across a clean restart.
+const SAVED_BALANCES: &str = "pg_stat/keyhippo_credit_balances";
+const SAVED_BALANCES_MAGIC: &[u8; 8] = b"KHCRED01";
+const BALANCE_RECORD: usize = 8 + 8 + 8 + 4 + 16;
+
+/// Saves the balances changed since they were last written, when the postmaster exits cleanly.
+#[pg_guard]
+unsafe extern "C-unwind" fn save_balances_at_exit(code: i32, _arg: pg_sys::Datum) {
+    let table = BALANCES.load(Ordering::Relaxed);
+    if code != 0 || table.is_null() {
+        return;
+    }
+    // SAFETY: no other process is left to touch the table.
+    let slots = unsafe { std::slice::from_raw_parts_mut(table, BALANCE_SLOTS) };
+    let dirty = Balances::new(slots).all_dirty();
+    if dirty.is_empty() {
+        return;
+    }
+    let mut out = Vec::with_capacity(16 + dirty.len() * BALANCE_RECORD);
+    out.extend_from_slice(SAVED_BALANCES_MAGIC);
+    out.extend_from_slice(&(dirty.len() as u64).to_le_bytes());
+    for b in &dirty {
+        out.extend_from_slice(&b.generation.to_le_bytes());
+        out.extend_from_slice(&b.window.to_le_bytes());
+        out.extend_from_slice(&b.committed.to_le_bytes());
+        out.extend_from_slice(&b.db.to_le_bytes());
+        out.extend_from_slice(&b.id);
+    }
+    let tmp = format!("{SAVED_BALANCES}.tmp");
+    if std::fs::write(&tmp, &out)
+        .and_then(|()| std::fs::rename(&tmp, SAVED_BALANCES))
+        .is_err()
+    {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Reads the balances [`save_balances_at_exit`] saved, once, into the fresh table.
+fn load_saved_balances(slots: &mut [Balance]) {
+    let Ok(data) = std::fs::read(SAVED_BALANCES) else {
+        return;
+    };
+    let _ = std::fs::remove_file(SAVED_BALANCES);
+    if data.len() < 16 || &data[..8] != SAVED_BALANCES_MAGIC {
+        return;
+    }
+    let len = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes")) as usize;
+    let mut table = Balances::new(slots);
+    for r in data[16..].chunks_exact(BALANCE_RECORD).take(len) {
+        let i64_at = |at: usize| i64::from_le_bytes(r[at..at + 8].try_into().expect("8 bytes"));
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&r[28..44]);
+        table.restore(&Balance {
+            generation: i64_at(0),
+            window: i64_at(8),
+            committed: i64_at(16),
+            reserved: 0,
+            db: u32::from_le_bytes(r[24..28].try_into().expect("4 bytes")),
+            dirty: 1,
+            id,
+        });
+    }
+}
+
 /// The number of rate-limit counters to allocate.
 fn rate_counters_len() -> usize {
     usize::try_from(crate::settings::RATE_LIMIT_COUNTERS.get())
@@ -393,6 +504,7 @@ pub fn setup() {
     pg_shmem_init!(SHARED = Shared::default());
     pg_shmem_init!(RATE_LOCK);
     pg_shmem_init!(COUNTS_LOCK);
+    pg_shmem_init!(BALANCES_LOCK);
     pg_shmem_init!(CACHE_EPOCH);
     pg_shmem_init!(CACHE_IN_FLIGHT);
     super::compat::request_shmem(request_slots);
