@@ -78,6 +78,8 @@ commit;
 select status from keyhippo.verify_api_key_status(:'key_a') as takes_the_last;
 select status, api_key_id = :'id_a' as same_key, permissions is null as no_permissions
   from keyhippo.verify_api_key_status(:'key_a') as over;
+\echo '--- verify_api_key never spends and never refuses for credits'
+select count(*) as verify_api_key from keyhippo.verify_api_key(:'key_a');
 create function pg_temp.try_request(p_headers text) returns text language plpgsql as $$
 declare
     v_detail text;
@@ -102,6 +104,21 @@ select set_config('request.jwt.claims', '{"role":"anon"}', true) is not null as 
 set local role anon;
 select pg_temp.try_request(json_build_object('x-api-key', :'key_r')::text) as refilled_key_empty;
 commit;
+
+\echo '--- READ ONLY transactions (PostgREST GET requests) spend too'
+set role service_role;
+select keyhippo.set_credits(:'id_r', 4);
+reset role;
+begin read only;
+set local role anon;
+select status from keyhippo.verify_api_key_status(:'key_r');
+select keyhippo.spend_credits(2) as left_read_only;
+commit;
+begin read only;
+set local role anon;
+select status from keyhippo.verify_api_key_status(:'key_r');
+select keyhippo.spend_credits(0) as left_in_the_next_request;
+rollback;
 
 \echo '--- a key without credits: spend_credits says NULL; with no key admitted, 22023'
 begin;
