@@ -330,6 +330,19 @@ check "standby: a key limited to 2 an hour (1 used on the primary) admits 2 ther
     "VALID VALID RATE_LIMITED" "$(echo $standby_statuses)"
 check "... while the primary counts its own: 1 used, 1 left" "VALID RATE_LIMITED" \
     "$(q -c "SELECT status FROM keyhippo.verify_api_key_status('$key13')") $(q -c "SELECT status FROM keyhippo.verify_api_key_status('$key13')")"
+# 3e. Credits on a standby: loaded from the replicated grant, spent in the standby's own shared
+#     memory (a read-only server), never written; the primary's balance is its own.
+read -r key14 id14 <<<"$(new_key "standby credits")"
+q -c "SET ROLE service_role" -c "SELECT keyhippo.set_credits('$id14', 2)" >/dev/null
+wait_replay
+standby_statuses=""
+for i in 1 2 3; do
+    standby_statuses="$standby_statuses $(q -p "$STANDBY_PORT" -c "SELECT status FROM keyhippo.verify_api_key_status('$key14')")"
+done
+check "standby: a key with 2 credits admits 2 there, then USAGE_EXCEEDED" \
+    "VALID VALID USAGE_EXCEEDED" "$(echo $standby_statuses)"
+check "... while the primary still has both" "VALID VALID USAGE_EXCEEDED" \
+    "$(for i in 1 2 3; do q -c "SELECT status FROM keyhippo.verify_api_key_status('$key14')"; done | tr '\n' ' ' | sed 's/ $//')"
 check "revoked key refused on the primary right after commit" 0 \
     "$(q -c "$as_a" -c "SELECT keyhippo.revoke_api_key('$id')" -c "RESET ROLE" -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')" | tail -1)"
 

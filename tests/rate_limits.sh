@@ -5,7 +5,8 @@
 #   - two keys of one owner, two connections each, under an owner limit of M: exactly M;
 #   - the same through check_request() in READ ONLY transactions (PostgREST's GET requests);
 #   - credits spent by four connections: paid + left = granted, refused requests refunded;
-#     spent credits survive a clean restart;
+#     spent credits survive a clean restart, a crash loses at most what was not yet written;
+#   - with shared memory full of counters, limited keys are refused, not admitted uncounted;
 #   - without preloading, a limited key is refused with 55000 and an unlimited one is admitted.
 # Needs the extension installed into the private build (bin/install). Ends with
 # "rate_limits: N passed, N failed".
@@ -158,6 +159,47 @@ before=$(q -c "BEGIN" -c "SELECT status FROM keyhippo.verify_api_key_status('$ke
 bin/cluster restart rate_limits >/dev/null || exit 1
 after=$(q -c "BEGIN" -c "SELECT status FROM keyhippo.verify_api_key_status('$key_s')" -c "SELECT keyhippo.spend_credits(0)" -c "ROLLBACK" | tail -1)
 check "credits: 3 spent of 100, then a clean restart: 97 left (96 once the reading request holds one)" "96 96" "$before $after"
+
+# A crash (a backend killed: the server reinitialises shared memory) loses at most the spending
+# since the last write, in the customer's favour: what is left afterwards is between what was
+# left before and what was last written.
+read -r key_k id_k <<<"$(new_key 'crash')"
+q -c "SET ROLE service_role" -c "SELECT keyhippo.set_credits('$id_k', 100)" >/dev/null
+for i in 1 2; do q -c "SELECT status FROM keyhippo.verify_api_key_status('$key_k')" >/dev/null; done
+q -c "SELECT keyhippo.flush_key_usage()" >/dev/null
+for i in 1 2 3; do q -c "SELECT status FROM keyhippo.verify_api_key_status('$key_k')" >/dev/null; done
+q -c "SELECT pg_sleep(60)" >/dev/null 2>&1 &
+sleeper=$!
+victim=""
+for i in $(seq 1 50); do
+    victim=$(q -c "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND pid <> pg_backend_pid()")
+    [ -n "$victim" ] && break
+    sleep 0.1
+done
+kill -9 "$victim"
+wait "$sleeper" 2>/dev/null
+for i in $(seq 1 100); do q -c "SELECT 1" >/dev/null 2>&1 && break; sleep 0.2; done
+after_crash=$(q -c "BEGIN" -c "SELECT status FROM keyhippo.verify_api_key_status('$key_k')" -c "SELECT keyhippo.spend_credits(0) + 1" -c "ROLLBACK" | tail -1)
+check "credits: 2 written, 3 more spent, then a crash: between 95 and 98 left, never fewer" yes \
+    "$([ "$after_crash" -ge 95 ] && [ "$after_crash" -le 98 ] && echo yes || echo "no: $after_crash")"
+check "... and the server did go through crash recovery" yes \
+    "$(grep -q 'terminated by signal 9' "$ROOT/target/clusters/rate_limits/server.log" && echo yes || echo no)"
+
+# When shared memory has no room for another counter, a limited key is refused, never admitted
+# uncounted: a server with the fewest counters (1,024), 1,100 limited keys in one request each.
+q -c "ALTER SYSTEM SET keyhippo.rate_limit_counters = 1024" >/dev/null
+bin/cluster restart rate_limits >/dev/null || exit 1
+q -c "$as_a" -c "CREATE TEMP TABLE many AS SELECT (keyhippo.create_api_key('many ' || g)).* FROM generate_series(1, 1100) g" \
+  -c "RESET ROLE" \
+  -c "INSERT INTO keyhippo.api_key_rate_limits (api_key_id, max_requests, per) SELECT api_key_id, 1000, '1 hour' FROM many" \
+  -c "CREATE TABLE public.many_keys AS SELECT api_key FROM many" >/dev/null
+outcomes=$(q -c "SELECT string_agg(status || '=' || n, ' ' ORDER BY status) FROM (SELECT s.status, count(*) n FROM public.many_keys k, LATERAL keyhippo.verify_api_key_status(k.api_key) s GROUP BY s.status) x")
+admitted=$(echo "$outcomes" | grep -oE 'VALID=[0-9]+' | cut -d= -f2)
+check "counters full: at most 1,024 of 1,100 limited keys admitted, the rest RATE_LIMITED ($outcomes)" yes \
+    "$([ "${admitted:-0}" -gt 0 ] && [ "${admitted:-0}" -le 1024 ] && echo "$outcomes" | grep -q 'RATE_LIMITED=' && echo yes || echo no)"
+check "... the refusal names the full table" "the server's rate-limit and credit tables are full" \
+    "$(q -c "BEGIN" -c "SELECT count(*) FROM public.many_keys k, LATERAL keyhippo.verify_api_key_status(k.api_key) s" -c "SELECT keyhippo_internal.rate_limit_refusal() ->> 'details'" -c "ROLLBACK" | tail -1)"
+q -c "ALTER SYSTEM RESET keyhippo.rate_limit_counters" >/dev/null
 
 # Without preloading: no shared memory to count in.
 bin/cluster start rate_limits_plain $((PORT + 1)) >/dev/null || exit 1
