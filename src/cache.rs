@@ -70,16 +70,13 @@ pub fn keys_enabled() -> bool {
     settings::VERIFIED_KEY_CACHE.get() && enabled()
 }
 
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
-
 /// The wall clock now, as a TimestampTz.
 fn now_timestamp() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
-        - POSTGRES_EPOCH_MICROS
+        - backend::POSTGRES_EPOCH_MICROS
 }
 
 /// A cached verification of `api_key` (whose lookup prefix is `prefix`), if one is valid now.

@@ -25,9 +25,6 @@ use crate::pg::plans::{types, Plan};
 use crate::pg::shmem::{self, BALANCES_LOCK};
 use keyhippo_core::credits::{Balance, Balances, Grant, Reserve};
 
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
-
 /// Credits reserved by the current transaction, not yet spent or given back.
 #[derive(Clone, Copy)]
 struct Reserved {
@@ -47,7 +44,7 @@ thread_local! {
 
 /// Now, in microseconds since the Unix epoch.
 fn now_unix() -> i64 {
-    backend::clock() + POSTGRES_EPOCH_MICROS
+    backend::unix_micros()
 }
 
 const GRANT_ROW: Plan = Plan {
@@ -297,7 +294,9 @@ pub fn write(client: &mut pgrx::spi::SpiClient<'_>, balances: &[Balance]) -> Res
     if !exists {
         return Ok(());
     }
-    let ts = |unix_us: i64| TimestampWithTimeZone::try_from(unix_us - POSTGRES_EPOCH_MICROS).ok();
+    let ts = |unix_us: i64| {
+        TimestampWithTimeZone::try_from(unix_us - backend::POSTGRES_EPOCH_MICROS).ok()
+    };
     let mut ids = Vec::new();
     let mut granted = Vec::new();
     let mut remaining = Vec::new();

@@ -127,9 +127,6 @@ thread_local! {
     static HOOKED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
-
 const TABLES_EXIST: Plan = Plan {
     sql: "SELECT pg_catalog.to_regclass('keyhippo.api_key_rate_limits') IS NOT NULL",
     args: &[],
@@ -358,7 +355,7 @@ pub fn admit(id: Uuid, user_id: Uuid) -> Result<Admission> {
             rates.push((kind, rate));
         }
     }
-    let now = backend::clock() + POSTGRES_EPOCH_MICROS;
+    let now = backend::unix_micros();
     let database = backend::database_id();
     let outcome = if applied.is_empty() {
         Outcome::Admitted

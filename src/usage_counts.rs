@@ -19,9 +19,6 @@ use crate::settings;
 use crate::usage;
 use keyhippo_core::usagecount::{hour_of, outcome_number, Cell, Counts, OUTCOMES};
 
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
-
 /// Counts one verification of key `id` whose outcome is `status` (a name of
 /// `verify_api_key_status`; those not counted are ignored).
 pub fn count(id: Uuid, status: &str) {
@@ -31,7 +28,7 @@ pub fn count(id: Uuid, status: &str) {
     if !usage::served_here() || backend::in_recovery() {
         return;
     }
-    let hour = hour_of(backend::clock() + POSTGRES_EPOCH_MICROS);
+    let hour = hour_of(backend::unix_micros());
     let database = backend::database_id();
     let mut lock = COUNTS_LOCK.exclusive();
     if !Counts::new(shmem::counts(&mut lock)).add(database, id.as_bytes(), hour, outcome, 1) {
@@ -122,9 +119,9 @@ pub fn write(client: &mut pgrx::spi::SpiClient<'_>, cells: &[Cell]) -> Result<()
         let mut outcomes = Vec::with_capacity(cells.len());
         let mut counts = Vec::with_capacity(cells.len());
         for c in cells {
-            let Ok(hour) =
-                TimestampWithTimeZone::try_from(c.hour * 3_600_000_000 - POSTGRES_EPOCH_MICROS)
-            else {
+            let Ok(hour) = TimestampWithTimeZone::try_from(
+                c.hour * 3_600_000_000 - backend::POSTGRES_EPOCH_MICROS,
+            ) else {
                 continue;
             };
             ids.push(Uuid::from_bytes(c.id));

@@ -14,6 +14,15 @@ pub fn transaction_start() -> i64 {
     unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
 }
 
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+pub const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// The current time in microseconds since the Unix epoch (windows of rate limits, refills and
+/// usage hours are aligned to it).
+pub fn unix_micros() -> i64 {
+    clock() + POSTGRES_EPOCH_MICROS
+}
+
 /// The current time (what `clock_timestamp()` returns), as TimestampTz microseconds.
 pub fn clock() -> i64 {
     // SAFETY: reads the clock.

@@ -73,12 +73,7 @@ pub struct Balances<'a> {
 }
 
 fn hash(db: u32, id: &[u8; 16], len: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in db.to_le_bytes().iter().chain(id.iter()) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % len as u64) as usize
+    crate::slot::home(&[&db.to_le_bytes(), id], len)
 }
 
 impl<'a> Balances<'a> {

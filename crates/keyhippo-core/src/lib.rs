@@ -7,6 +7,7 @@ pub mod credits;
 pub mod hash;
 pub mod jwt;
 pub mod ratelimit;
+pub mod slot;
 pub mod token;
 pub mod usagecount;
 pub mod uuid;

@@ -75,19 +75,8 @@ pub struct Table<'a> {
     slots: &'a mut [Counter],
 }
 
-/// FNV-1a over the subject, reduced to a slot of `len`.
 fn hash(db: u32, kind: Kind, id: &[u8; 16], len: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in db
-        .to_le_bytes()
-        .iter()
-        .chain(std::iter::once(&(kind as u8)))
-        .chain(id.iter())
-    {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % len as u64) as usize
+    crate::slot::home(&[&db.to_le_bytes(), &[kind as u8], id], len)
 }
 
 /// The end of the window of length `per_us` that holds `now_us` (both in microseconds).

@@ -61,18 +61,10 @@ pub struct Counts<'a> {
 }
 
 fn hash(db: u32, id: &[u8; 16], hour: i64, outcome: u8, len: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in db
-        .to_le_bytes()
-        .iter()
-        .chain(id.iter())
-        .chain(hour.to_le_bytes().iter())
-        .chain(std::iter::once(&outcome))
-    {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % len as u64) as usize
+    crate::slot::home(
+        &[&db.to_le_bytes(), id, &hour.to_le_bytes(), &[outcome]],
+        len,
+    )
 }
 
 impl<'a> Counts<'a> {
