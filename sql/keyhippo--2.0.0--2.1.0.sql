@@ -298,8 +298,9 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_spent jsonb := keyhippo_internal.spend_credits_now(p_cost);
+    v_spent jsonb;
 BEGIN
+    v_spent := keyhippo_internal.spend_credits_now(p_cost);
     IF v_spent ? 'refused' THEN
         PERFORM keyhippo_internal.refuse_request(v_spent->'refused');
     END IF;
