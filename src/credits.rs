@@ -21,7 +21,7 @@ use std::cell::{Cell, RefCell};
 use crate::error::{KeyhippoError, Result};
 use crate::pg::backend;
 use crate::pg::elevate::as_owner;
-use crate::pg::plans::{types, Plan};
+use crate::pg::plans::{relation_exists, types, Plan};
 use crate::pg::shmem::{self, BALANCES_LOCK};
 use keyhippo_core::credits::{Balance, Balances, Grant, Reserve};
 
@@ -42,9 +42,10 @@ thread_local! {
     static HOOKED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Now, in microseconds since the Unix epoch.
-fn now_unix() -> i64 {
-    backend::unix_micros()
+/// Runs `f` on this server's balances, under their lock.
+fn with_balances<R>(f: impl FnOnce(&mut Balances<'_>) -> R) -> R {
+    let mut lock = BALANCES_LOCK.exclusive();
+    f(&mut Balances::new(shmem::balances(&mut lock)))
 }
 
 const GRANT_ROW: Plan = Plan {
@@ -101,17 +102,8 @@ pub fn reserve(id: Uuid, grant: Grant, amount: i64) -> Result<std::result::Resul
     let database = backend::database_id();
     let mut grant = grant;
     for _ in 0..2 {
-        let now = now_unix();
-        let outcome = {
-            let mut lock = BALANCES_LOCK.exclusive();
-            Balances::new(shmem::balances(&mut lock)).reserve(
-                database,
-                id.as_bytes(),
-                &grant,
-                amount,
-                now,
-            )
-        };
+        let now = backend::unix_micros();
+        let outcome = with_balances(|t| t.reserve(database, id.as_bytes(), &grant, amount, now));
         match outcome {
             Reserve::Reserved(left) => {
                 note_reserved(Reserved {
@@ -137,16 +129,8 @@ pub fn reserve(id: Uuid, grant: Grant, amount: i64) -> Result<std::result::Resul
                     return Ok(Ok(i64::MAX));
                 };
                 grant = row_grant;
-                let loaded = {
-                    let mut lock = BALANCES_LOCK.exclusive();
-                    Balances::new(shmem::balances(&mut lock)).load(
-                        database,
-                        id.as_bytes(),
-                        &grant,
-                        remaining,
-                        window,
-                    )
-                };
+                let loaded =
+                    with_balances(|t| t.load(database, id.as_bytes(), &grant, remaining, window));
                 if !loaded {
                     return Ok(Err(Shortage::Full));
                 }
@@ -184,11 +168,11 @@ fn release(items: &[Reserved]) {
         return;
     }
     let database = backend::database_id();
-    let mut lock = BALANCES_LOCK.exclusive();
-    let mut table = Balances::new(shmem::balances(&mut lock));
-    for x in items {
-        table.release(database, x.id.as_bytes(), x.generation, x.amount);
-    }
+    with_balances(|t| {
+        for x in items {
+            t.release(database, x.id.as_bytes(), x.generation, x.amount);
+        }
+    });
 }
 
 fn settle(items: &[Reserved]) {
@@ -196,11 +180,11 @@ fn settle(items: &[Reserved]) {
         return;
     }
     let database = backend::database_id();
-    let mut lock = BALANCES_LOCK.exclusive();
-    let mut table = Balances::new(shmem::balances(&mut lock));
-    for x in items {
-        table.settle(database, x.id.as_bytes(), x.generation, x.window, x.amount);
-    }
+    with_balances(|t| {
+        for x in items {
+            t.settle(database, x.id.as_bytes(), x.generation, x.window, x.amount);
+        }
+    });
 }
 
 /// Keeps a reservation for the transaction's end, hooking it (and savepoint rollbacks) first.
@@ -242,14 +226,12 @@ fn note_reserved(x: Reserved) {
 
 /// How many changed balances each database has waiting to be written.
 pub fn pending_per_database() -> Vec<(u32, usize)> {
-    let mut lock = BALANCES_LOCK.exclusive();
-    Balances::new(shmem::balances(&mut lock)).pending()
+    with_balances(|t| t.pending())
 }
 
 /// Database `db`'s balances changed since they were last written.
 pub fn changed(db: u32) -> Vec<Balance> {
-    let mut lock = BALANCES_LOCK.exclusive();
-    Balances::new(shmem::balances(&mut lock)).dirty(db)
+    with_balances(|t| t.dirty(db))
 }
 
 /// Marks balances written.
@@ -257,8 +239,7 @@ pub fn written(balances: &[Balance]) {
     if balances.is_empty() {
         return;
     }
-    let mut lock = BALANCES_LOCK.exclusive();
-    Balances::new(shmem::balances(&mut lock)).written(balances);
+    with_balances(|t| t.written(balances));
 }
 
 const WRITE_BACK: Plan = Plan {
@@ -282,16 +263,7 @@ pub fn write(client: &mut pgrx::spi::SpiClient<'_>, balances: &[Balance]) -> Res
     if balances.is_empty() {
         return Ok(());
     }
-    let exists = client
-        .select(
-            "SELECT pg_catalog.to_regclass('keyhippo.api_key_credits') IS NOT NULL",
-            None,
-            &[],
-        )?
-        .first()
-        .get::<bool>(1)?
-        .unwrap_or(false);
-    if !exists {
+    if !relation_exists(client, "keyhippo.api_key_credits")? {
         return Ok(());
     }
     let ts = |unix_us: i64| {

@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::error::{KeyhippoError, Result};
 use crate::pg::elevate::as_owner;
-use crate::pg::plans::{types, Plan};
+use crate::pg::plans::{relation_exists, types, Plan};
 use crate::pg::shmem::{self, RATE_LOCK};
 use crate::pg::{backend, compat};
 use crate::{cache, credits};
@@ -127,12 +127,6 @@ thread_local! {
     static HOOKED: Cell<bool> = const { Cell::new(false) };
 }
 
-const TABLES_EXIST: Plan = Plan {
-    sql: "SELECT pg_catalog.to_regclass('keyhippo.api_key_rate_limits') IS NOT NULL",
-    args: &[],
-    mutating: false,
-};
-
 const FIND_LIMITS: Plan = Plan {
     sql: "SELECT k.max_requests, (pg_catalog.date_part('epoch', k.per) * 1000000)::int8, \
                  o.max_requests, (pg_catalog.date_part('epoch', o.per) * 1000000)::int8 \
@@ -159,7 +153,7 @@ fn read_credits(
     id: Option<Uuid>,
 ) -> Result<HashMap<Uuid, Grant>> {
     let mut grants = HashMap::new();
-    if !credits_table_exists(client)? {
+    if !relation_exists(client, "keyhippo.api_key_credits")? {
         return Ok(grants);
     }
     for row in KEY_CREDITS.run(client, &[id.into()])? {
@@ -173,20 +167,6 @@ fn read_credits(
         grants.insert(key, Grant { generation, refill });
     }
     Ok(grants)
-}
-
-const CREDITS_EXIST: Plan = Plan {
-    sql: "SELECT pg_catalog.to_regclass('keyhippo.api_key_credits') IS NOT NULL",
-    args: &[],
-    mutating: false,
-};
-
-fn credits_table_exists(client: &pgrx::spi::SpiClient<'_>) -> Result<bool> {
-    Ok(CREDITS_EXIST
-        .run(client, &[])?
-        .next()
-        .and_then(|row| row.get::<bool>(1).ok().flatten())
-        .unwrap_or(false))
 }
 
 const ALL_LIMITS: Plan = Plan {
@@ -210,21 +190,13 @@ fn rate(row: &pgrx::spi::SpiHeapTupleData<'_>, n: usize) -> Result<Option<Rate>>
     })
 }
 
-/// Whether this database's SQL has rate limits: not before keyhippo 2.1.0, whose library runs
-/// on older versions' SQL until ALTER EXTENSION keyhippo UPDATE.
-fn tables_exist(client: &pgrx::spi::SpiClient<'_>) -> Result<bool> {
-    Ok(TABLES_EXIST
-        .run(client, &[])?
-        .next()
-        .and_then(|row| row.get::<bool>(1).ok().flatten())
-        .unwrap_or(false))
-}
-
 /// Reads the limits of key `id` owned by `user_id`.
 fn read_one(id: Uuid, user_id: Uuid) -> Result<KeyLimits> {
     as_owner(|| {
         pgrx::Spi::connect(|client| {
-            if !tables_exist(client)? {
+            // The SQL of a version before rate limits: this library runs on it until ALTER EXTENSION
+            // keyhippo UPDATE.
+            if !relation_exists(client, "keyhippo.api_key_rate_limits")? {
                 return Ok(KeyLimits::default());
             }
             let rows = FIND_LIMITS.run(client, &[id.into(), user_id.into()])?;
@@ -250,7 +222,9 @@ fn read_all(epoch: u64) -> Result<AllLimits> {
     };
     as_owner(|| {
         pgrx::Spi::connect(|client| {
-            if !tables_exist(client)? {
+            // The SQL of a version before rate limits: this library runs on it until ALTER EXTENSION
+            // keyhippo UPDATE.
+            if !relation_exists(client, "keyhippo.api_key_rate_limits")? {
                 return Ok(());
             }
             all.credits = read_credits(client, None)?;

@@ -13,7 +13,7 @@ use pgrx::Uuid;
 
 use crate::error::Result;
 use crate::pg::backend;
-use crate::pg::plans::{types, Plan};
+use crate::pg::plans::{relation_exists, types, Plan};
 use crate::pg::shmem::{self, COUNTS_LOCK};
 use crate::settings;
 use crate::usage;
@@ -94,23 +94,10 @@ const PURGE: Plan = Plan {
     mutating: true,
 };
 
-/// Whether this database has `keyhippo.api_key_usage` (not before keyhippo 2.1.0).
-pub fn table_exists(client: &pgrx::spi::SpiClient<'_>) -> Result<bool> {
-    Ok(client
-        .select(
-            "SELECT pg_catalog.to_regclass('keyhippo.api_key_usage') IS NOT NULL",
-            None,
-            &[],
-        )?
-        .first()
-        .get::<bool>(1)?
-        .unwrap_or(false))
-}
-
 /// Adds `cells` to this database's `keyhippo.api_key_usage`, and deletes rows older than
 /// `keyhippo.usage_retention`.
 pub fn write(client: &mut pgrx::spi::SpiClient<'_>, cells: &[Cell]) -> Result<()> {
-    if !table_exists(client)? {
+    if !relation_exists(client, "keyhippo.api_key_usage")? {
         return Ok(());
     }
     if !cells.is_empty() {

@@ -89,6 +89,23 @@ impl Plan {
     }
 }
 
+const RELATION_EXISTS: Plan = Plan {
+    sql: "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+    args: &[types::TEXT],
+    mutating: false,
+};
+
+/// Whether the relation `name` (schema-qualified) exists: how code that runs on the SQL of
+/// several keyhippo versions (the library is newer until ALTER EXTENSION UPDATE) tells
+/// whether a table of a later version is there.
+pub fn relation_exists(client: &SpiClient<'_>, name: &str) -> Result<bool> {
+    Ok(RELATION_EXISTS
+        .run(client, &[name.into()])?
+        .next()
+        .and_then(|row| row.get::<bool>(1).ok().flatten())
+        .unwrap_or(false))
+}
+
 pub mod types {
     use pgrx::pg_sys::{BuiltinOid, PgOid};
     pub const UUID: PgOid = PgOid::BuiltIn(BuiltinOid::UUIDOID);
