@@ -8,7 +8,7 @@ PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 BENCH_KEYS ?= 100000
 export PG
 
-.PHONY: deps build install run stop test test-all test-ci installcheck bench clean
+.PHONY: deps build install package package-all test-package run stop test test-all test-ci installcheck bench clean
 
 deps:
 	bin/deps
@@ -20,6 +20,23 @@ build: deps
 ## place: safe on a running server; restart it before ALTER EXTENSION keyhippo UPDATE).
 install: deps
 	PG_CONFIG=$(PG_CONFIG) bin/install
+
+## Release packages for PostgreSQL $(PG) in target/dist: postgresql-$(PG)-keyhippo_<version>_<arch>.deb
+## for Debian's and PGDG's postgresql-$(PG), and a tarball of the same files for any other.
+package: deps
+	bin/package
+
+## The packages for PostgreSQL 14, 15, 16, 17 and 18.
+package-all: deps
+	for v in 14 15 16 17 18; do PG=$$v bin/package || exit 1; done
+
+## The packages installed: the .deb on Debian's postgresql-15 (installed if missing), the
+## tarball in the private build of 17 (part of test-all and test-ci).
+test-package: deps
+	bin/deps --package
+	PG=15 bin/package
+	PG=17 bin/package
+	tests/package.sh
 
 ## A throwaway cluster of the private build with a Supabase-shaped database, the extension,
 ## and a short demo.
@@ -39,7 +56,7 @@ test: deps
 test-all: deps
 	bin/test-all
 
-## What CI runs: every layer on 15 and 17; build, #[pg_test]s, pg_regress and updates between
+## What CI runs: every layer on 15 and 17, pg_upgrade 15 -> 17 and the packages; build, #[pg_test]s, pg_regress and updates between
 ## keyhippo versions on 14, 16 and 18.
 test-ci: deps
 	bin/test-all 15:all 17:all 14:2,3 16:2,3 18:2,3
