@@ -33,11 +33,8 @@ unset LD_LIBRARY_PATH
 export PGPORT=$PORT
 
 version=$(sed -nE 's/^version = "([^"]+)"/\1/p' Cargo.toml | head -1)
-newest=$(grep -m1 '^## ' CHANGELOG.md)
-case "$newest" in
-"## $version - "*) pkgversion=$version ;;
-*) pkgversion="$version~dev" ;;
-esac
+vre=${version//./\\.}
+if grep -qE "^## $vre - " CHANGELOG.md; then pkgversion=$version; else pkgversion="$version~dev"; fi
 # The install scripts the packages must carry: every released version's, this version's, and
 # every upgrade script.
 expected_scripts() {
@@ -96,9 +93,9 @@ elif [ ! -f "$deb" ]; then
     check "the package exists (bin/package with PG=$DEB_PG)" "$deb" missing
 else
     check "package name" "$name" "$(dpkg-deb -f "$deb" Package)"
-    check "package version: Cargo.toml's, as CHANGELOG.md's newest section names it" "$pkgversion" "$(dpkg-deb -f "$deb" Version)"
-    check "CHANGELOG.md's newest section is that version" yes \
-        "$(case "$newest" in "## $version - "* | "## Unreleased ($version)") echo yes ;; *) echo "no: $newest" ;; esac)"
+    check "package version: Cargo.toml's, ~dev until CHANGELOG.md dates it" "$pkgversion" "$(dpkg-deb -f "$deb" Version)"
+    check "CHANGELOG.md has a section for it (dated once released)" yes \
+        "$(grep -qE "^## ($vre - |Unreleased \($vre\))" CHANGELOG.md && echo yes || echo no)"
     check "architecture" "$arch" "$(dpkg-deb -f "$deb" Architecture)"
     depends=$(dpkg-deb -f "$deb" Depends)
     check "depends on postgresql-$DEB_PG first" "postgresql-$DEB_PG" "${depends%%,*}"
