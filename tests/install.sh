@@ -19,26 +19,14 @@ export PGPORT=$PORT
 . tests/lib.sh
 setup_kh
 read -r key _ <<<"$(new_key install)"
-echo "SELECT count(*) FROM keyhippo.verify_api_key('$key');" >"$WORK/verify.sql"
-"$PGBIN/pgbench" -n -M prepared -c 2 -j 1 -T 8 -f "$WORK/verify.sql" kh >"$WORK/load.log" 2>&1 &
-load=$!
-"$PGBIN/pgbench" -n -C -c 1 -j 1 -T 8 -f "$WORK/verify.sql" kh >"$WORK/connect.log" 2>&1 &
-connect=$!
-sleep 1
+start_verify_load "$key" 8 "$WORK"
 inodes=$(stat -c %i "$LIB")
 for i in $(seq 1 10); do
     bin/install --prebuilt >/dev/null || echo "install $i failed"
     inodes="$inodes $(stat -c %i "$LIB")"
     sleep 0.3
 done
-wait "$load"; load_status=$?
-wait "$connect"; connect_status=$?
-log="$ROOT/target/clusters/install/server.log"
-check "verify load during the installs: pgbench succeeded" 0 "$load_status"
-check "new connections during the installs: pgbench succeeded" 0 "$connect_status"
-check "... and ran transactions" yes \
-    "$(grep -qE '^number of transactions actually processed: [1-9]' "$WORK/connect.log" && echo yes || echo no)"
-check "no server process crashed" 0 "$(grep -cE 'terminated by signal|was terminated|unrecognized function API version' "$log")"
+check_verify_load "the installs" "$ROOT/target/clusters/install/server.log"
 check "the server still answers, with keyhippo" 1 "$(q -c "SELECT count(*) FROM keyhippo.verify_api_key('$key')")"
 # Each install leaves a different file (inode) in place than the one before it; a freed inode
 # may come back later, so only neighbours are compared.

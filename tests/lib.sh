@@ -38,6 +38,32 @@ check() { # name expected actual
     else failed=$((failed + 1)); echo "FAIL - $1: expected '$2', got '$3'"; fi
 }
 
+# Load while the library is replaced under a running server: key $1 verified for $2 seconds
+# by two connections, and by one opening a new connection (so loading the library) for each
+# verify; pgbench's logs go to directory $3. Returns once it runs; check_verify_load waits
+# for it.
+start_verify_load() {
+    load_dir=$3
+    echo "SELECT count(*) FROM keyhippo.verify_api_key('$1');" >"$load_dir/verify.sql"
+    "$PGBIN/pgbench" -n -M prepared -c 2 -j 1 -T "$2" -f "$load_dir/verify.sql" kh >"$load_dir/load.log" 2>&1 &
+    load_pid=$!
+    "$PGBIN/pgbench" -n -C -c 1 -j 1 -T "$2" -f "$load_dir/verify.sql" kh >"$load_dir/connect.log" 2>&1 &
+    connect_pid=$!
+    sleep 1
+}
+# Checks that load: both pgbench runs succeeded, the new connections ran transactions, and no
+# server process crashed (server log $2). $1 says what happened meanwhile ("the installs").
+check_verify_load() {
+    local load_status connect_status
+    wait "$load_pid"; load_status=$?
+    wait "$connect_pid"; connect_status=$?
+    check "verify load during $1: pgbench succeeded" 0 "$load_status"
+    check "new connections during $1: pgbench succeeded" 0 "$connect_status"
+    check "... and ran transactions" yes \
+        "$(grep -qE '^number of transactions actually processed: [1-9]' "$load_dir/connect.log" && echo yes || echo no)"
+    check "no server process crashed" 0 "$(grep -cE 'terminated by signal|was terminated|unrecognized function API version' "$2")"
+}
+
 USER_B=bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb
 as_b="DO \$\$ BEGIN PERFORM set_config('request.jwt.claims', '{\"sub\":\"$USER_B\",\"role\":\"authenticated\"}', false); END \$\$; SET ROLE authenticated;"
 
