@@ -21,8 +21,8 @@ build: deps
 install: deps
 	PG_CONFIG=$(PG_CONFIG) bin/install
 
-## Release packages for PostgreSQL $(PG) in target/dist: postgresql-$(PG)-keyhippo_<version>_<arch>.deb
-## for Debian's and PGDG's postgresql-$(PG), and a tarball of the same files for any other.
+## Release packages for PostgreSQL $(PG) in target/dist: a .deb for Debian's and PGDG's
+## postgresql-$(PG), and a tarball of the same files for any other PostgreSQL $(PG).
 package: deps
 	bin/package
 
@@ -56,8 +56,8 @@ test: deps
 test-all: deps
 	bin/test-all
 
-## What CI runs: every layer on 15 and 17, pg_upgrade 15 -> 17 and the packages; build, #[pg_test]s, pg_regress and updates between
-## keyhippo versions on 14, 16 and 18.
+## What CI runs: every layer on 15 and 17, pg_upgrade 15 -> 17 and the packages; build,
+## #[pg_test]s, pg_regress and updates between keyhippo versions on 14, 16 and 18.
 test-ci: deps
 	bin/test-all 15:all 17:all 14:2,3 16:2,3 18:2,3
 
